@@ -401,7 +401,7 @@ def save_tiny(family: str, path: str | os.PathLike, seed: int = 0) -> pathlib.Pa
 
 
 def tiny_chat_inputs(
-    processor,
+    processor: transformers.ProcessorMixin | transformers.PreTrainedTokenizerFast,
     family: str,
     text: str = "What is in the image?",
     image: PIL.Image.Image | None = None,
