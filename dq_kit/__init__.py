@@ -8,16 +8,21 @@ Example:
 """
 
 from . import modeling, registry, tiny
+from .checkpoint import save
+from .compare import ComparisonResult, compare
 from .errors import DQError, ModelNotFoundError, PlanError, UnsupportedModelError, VerificationError
 from .inspection import inspect
 from .loading import load, load_processor
 from .memory import MemoryEstimate, estimate_memory
 from .plan import Plan
+from .planner import plan, predicted_kl
+from .quantize import quantize
 from .verify import verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "ComparisonResult",
     "DQError",
     "MemoryEstimate",
     "ModelNotFoundError",
@@ -29,6 +34,11 @@ __all__ = [
     "inspect",
     "load",
     "load_processor",
+    "plan",
+    "predicted_kl",
+    "quantize",
+    "save",
+    "compare",
     "modeling",
     "registry",
     "tiny",

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
+from .checkpoint import plan_from_checkpoint, prequantized_config
 from .errors import DQError, ModelNotFoundError, PlanError
 from .modeling import auto_class, default_device_map, default_dtype, local_or_hub, meta_model, resolve_config
 from .plan import Plan
@@ -36,7 +37,8 @@ def load(
         quant: ``"16bit"``, ``"4bit"`` (NF4 on every Linear but the output head) or ``"dynamic"``
             (NF4 except the plan's modules, which stay 16-bit).
         plan: a :class:`Plan` or a path to a saved plan; ``None`` with ``quant="dynamic"`` uses the
-            architecture's preset (``dq.Plan.preset``).
+            checkpoint's own plan (one written by ``dq.save``, or a published dynamic 4-bit skip list)
+            or else the architecture's preset (``dq.Plan.preset``).
         dtype: compute / 16-bit dtype; default bf16 on GPU (fp16 where bf16 is missing), fp32 on CPU.
         device_map: passed to transformers/accelerate (``"auto"`` spreads over GPUs); default the
             first GPU, else the CPU.
@@ -69,14 +71,20 @@ def load(
     reference = local_or_hub(name_or_path)
 
     load_kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **kwargs)
+    stored = None
     if quant != "16bit":
         skeleton = meta_model(config, trust_remote_code=trust_remote_code)
+        stored = plan_from_checkpoint(config, skeleton, reference)  # dq_plan.json, or the checkpoint's own skip list
         if quant == "4bit":
             plan = Plan.uniform(skeleton)
         elif plan is None:
-            plan = Plan.preset(skeleton)
+            plan = stored or Plan.preset(skeleton)
         plan.check(skeleton)
         load_kwargs["quantization_config"] = plan.bnb_config(dtype)
+    quantized_config = prequantized_config(config, plan, stored, dtype)
+    if quantized_config is not None:  # already 4-bit on disk: transformers reads the skip list from the config
+        load_kwargs.pop("quantization_config", None)
+        load_kwargs["config"] = quantized_config
 
     try:
         model = model_class.from_pretrained(reference, **load_kwargs)

@@ -124,7 +124,7 @@ class Plan:
         selected: set[str] = set()
         unmatched, legacy_only = [], []
         for pattern in patterns:
-            modern = {name for name in names if _matches_modern(pattern, name)}
+            modern = {name for name in names if matches_skip_pattern(pattern, name)}
             legacy = {name for name in names if pattern in name}
             if not modern | legacy:
                 unmatched.append(pattern)
@@ -272,7 +272,7 @@ class Plan:
         return "\n".join(lines)
 
 
-def _matches_modern(pattern: str, name: str) -> bool:
+def matches_skip_pattern(pattern: str, name: str) -> bool:
     """transformers 5 ``should_convert_module`` semantics: regex from the start to a boundary, or suffix."""
     try:
         matched = re.match(rf"(?:{pattern}){_BOUNDARY}", name) is not None

@@ -157,8 +157,9 @@ _PIXTRAL_TEMPLATE = _RENDER.replace("IMAGE", "[IMG]") + (
     "{%- if message['role'] == 'system' -%}{%- set ns.system = render(message['content']) + '\\n\\n' -%}"
     "{%- elif message['role'] == 'user' -%}"
     "{{- '[INST]' + ns.system + render(message['content']) + '[/INST]' -}}{%- set ns.system = '' -%}"
-    "{%- else -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
     "{%- generation -%}{{- render(message['content']) + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}{{- raise_exception('roles must be system, user or assistant') -}}"
     "{%- endif -%}"
     "{%- endfor -%}"
 )
@@ -167,8 +168,7 @@ _CHAT_TEMPLATES: dict[str, str] = {
     "qwen2_5_vl": _QWEN_TEMPLATE,
     "mllama": _RENDER.replace("IMAGE", "<|image|>") + _LLAMA3_BODY,
     "llava": _PIXTRAL_TEMPLATE,
-    "llama": _RENDER.replace("IMAGE", "{{- raise_exception('llama is text-only: no image items') -}}")
-    + _LLAMA3_BODY,
+    "llama": _RENDER.replace("IMAGE", "{{- raise_exception('llama is text-only: no image items') -}}") + _LLAMA3_BODY,
 }
 
 _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
@@ -308,9 +308,7 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
                 image_size=_PIXTRAL_IMAGE,
                 patch_size=_PIXTRAL_PATCH,
             ),
-            text_config=transformers.MistralConfig(
-                **text, num_hidden_layers=_TEXT_LAYERS, sliding_window=None
-            ),
+            text_config=transformers.MistralConfig(**text, num_hidden_layers=_TEXT_LAYERS, sliding_window=None),
             image_token_index=ids["[IMG]"],
             projector_hidden_act="gelu",
             vision_feature_layer=-1,
@@ -336,9 +334,7 @@ def tiny_processor(family: str) -> transformers.ProcessorMixin | transformers.Pr
     if family in ("qwen2_vl", "qwen2_5_vl"):
         size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
         patches = {"patch_size": _QWEN_PATCH, "temporal_patch_size": 2, "merge_size": 2}
-        processor_class = (
-            transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
-        )
+        processor_class = transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
         return processor_class(
             image_processor=transformers.Qwen2VLImageProcessor(size=size, **patches),
             video_processor=transformers.Qwen2VLVideoProcessor(size=size, **patches),
