@@ -7,23 +7,43 @@ Example:
     >>> dq.inspect(model)                                                  # doctest: +SKIP
 """
 
-from . import modeling, registry, tiny
+from . import calibration, data, modeling, registry, tiny, widgets
+from .analysis import AnalysisError, QuantReport, analyze
+from .calibration import CalibrationError, default_calibration
 from .checkpoint import save
 from .compare import ComparisonResult, compare
 from .errors import DQError, ModelNotFoundError, PlanError, UnsupportedModelError, VerificationError
+from .export import merge_to_16bit, requantize, save_adapter
+from .inference import evaluate_answers, generate
 from .inspection import inspect
 from .loading import load, load_processor
+from .lora import add_lora
 from .memory import MemoryEstimate, estimate_memory
 from .plan import Plan
 from .planner import plan, predicted_kl
 from .quantize import quantize
+from .train import sft_trainer
 from .verify import verify
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AnalysisError",
+    "CalibrationError",
     "ComparisonResult",
+    "QuantReport",
+    "analyze",
+    "calibration",
+    "default_calibration",
     "DQError",
+    "add_lora",
+    "data",
+    "evaluate_answers",
+    "generate",
+    "merge_to_16bit",
+    "requantize",
+    "save_adapter",
+    "sft_trainer",
     "MemoryEstimate",
     "ModelNotFoundError",
     "Plan",
@@ -43,4 +63,5 @@ __all__ = [
     "registry",
     "tiny",
     "verify",
+    "widgets",
 ]

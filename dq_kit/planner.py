@@ -129,15 +129,18 @@ def plan(
 
 
 def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
-    """KL (nats) the report's estimator predicts for ``plan``: uniform-NF4 KL minus the kept scores.
+    """KL (nats/token) the report predicts for ``plan``: the measured uniform-NF4 KL, reduced by the
+    share of the total ``score`` that the kept modules carry (the estimator's scale is calibrated
+    on the measured KL, since per-module estimates do not add up exactly).
 
     Example:
         >>> predicted_kl(report, dq.plan(report, budget=0.1)) <= report.meta["kl_uniform"]   # doctest: +SKIP
         True
     """
-    table = report.table
-    kept = table[table["module"].isin(plan.keep)][score].clip(lower=0).sum()
-    return max(float(report.meta["kl_uniform"]) - float(kept), 0.0)
+    scores = report.table.set_index("module")[score].clip(lower=0)
+    total = float(scores.sum())
+    kept = float(scores[scores.index.isin(plan.keep)].sum())
+    return float(report.meta["kl_uniform"]) * (1 - kept / total) if total > 0 else float(report.meta["kl_uniform"])
 
 
 def _base_plan(report: Any, frame: Any, preset: bool) -> Plan:

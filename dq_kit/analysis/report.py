@@ -1,0 +1,274 @@
+"""``QuantReport``: per-module quantization metrics of one model, with metadata, JSON I/O and plots.
+
+Example:
+    >>> import dq_kit as dq
+    >>> model = dq.tiny.build_tiny_model("llama")
+    >>> report = dq.analyze(model, ["A red circle on a blue background."], dq.tiny.tiny_processor("llama"),
+    ...                     metrics=("weight",), progress=False)
+    >>> report.worst(1, by="weight_error").columns[:3].tolist()
+    ['module', 'tower', 'group']
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from .._io import read_json, write_json
+from ..errors import DQError
+
+REPORT_FORMAT = "dq_kit.quant_report"
+REPORT_VERSION = 1
+ID_COLUMNS = ("module", "tower", "group", "layer", "numel", "bytes_16bit", "bytes_nf4")
+BLOCK_COLUMNS = ("block", "tower", "layer", "act_local_error", "act_accum_error", "nonfinite_samples")
+# Which metric ranks modules by default, best first.
+_RANKING = ("sensitivity", "sensitivity_loo", "act_accum_error", "act_local_error", "weight_error")
+
+
+class AnalysisError(DQError, ValueError):
+    """The analysis cannot run on this input, or a saved report is missing or corrupt."""
+
+
+class QuantReport:
+    """Per-module metrics of one model (a pandas DataFrame), per-block activation errors and metadata.
+
+    Attributes:
+        table: one row per quantizable Linear, keyed by its exact full name in ``module``:
+            ``tower``, ``group``, ``layer``, ``numel``, ``bytes_16bit``, ``bytes_nf4`` and every metric
+            measured (``weight_*``, ``act_local_error``, ``act_accum_error``, ``sensitivity``,
+            ``sensitivity_loo``), plus ``issues`` (non-finite weights or activations, as text).
+        blocks: one row per transformer block: ``block``, ``tower``, ``layer``, ``act_local_error``,
+            ``act_accum_error``.
+        meta: model_type, family, quant settings, calibration size and tokens, measured KL of
+            uniform 4-bit (``kl_uniform``), timings, dq_kit version.
+
+    ``sensitivity`` is in nats per scored token; ``meta["kl_uniform"]`` is the measured KL of the
+    all-4-bit model on the same calibration set, which the sum of ``sensitivity`` approximates.
+
+    Example:
+        >>> import pandas as pd
+        >>> report = QuantReport(pd.DataFrame({"module": ["a", "b"], "weight_error": [0.1, 0.3]}))
+        >>> report.worst(1)["module"].tolist()
+        ['b']
+    """
+
+    def __init__(self, table: pd.DataFrame, blocks: pd.DataFrame | None = None, meta: dict[str, Any] | None = None) -> None:
+        if "module" not in table.columns:
+            raise AnalysisError("A QuantReport table needs a 'module' column of exact module names.")
+        self.table = table.reset_index(drop=True)
+        self.blocks = blocks if blocks is not None else pd.DataFrame(columns=list(BLOCK_COLUMNS))
+        self.meta = dict(meta or {})
+
+    # ---- access ------------------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    def __getitem__(self, key: Any) -> Any:
+        return self.table[key]
+
+    @property
+    def metrics(self) -> list[str]:
+        """Metric columns present in the table."""
+        return [c for c in self.table.columns if c not in ID_COLUMNS and c != "issues"]
+
+    def default_metric(self) -> str:
+        """The column :meth:`worst` ranks by when none is given: sensitivity if measured, else activation, else weight error."""
+        for column in _RANKING:
+            if column in self.table.columns and self.table[column].notna().any():
+                return column
+        raise AnalysisError("This report has no metric column to rank by.")
+
+    def worst(self, n: int = 10, by: str | None = None) -> pd.DataFrame:
+        """The ``n`` modules with the largest ``by`` (default: :meth:`default_metric`), worst first.
+
+        Example:
+            >>> report = QuantReport(pd.DataFrame({"module": ["a", "b", "c"], "sensitivity": [0.2, 0.1, 0.3]}))
+            >>> report.worst(2)["module"].tolist()
+            ['c', 'a']
+        """
+        by = by or self.default_metric()
+        if by not in self.table.columns:
+            raise AnalysisError(f"No column {by!r} in this report; available metrics: {', '.join(self.metrics)}.")
+        return self.table.sort_values(by, ascending=False, na_position="last").head(n).reset_index(drop=True)
+
+    def to_frame(self) -> pd.DataFrame:
+        """A copy of the per-module table."""
+        return self.table.copy()
+
+    def plot(self, top: int = 3) -> list[Any]:
+        """Figures in the style of the published analyses: weight error by layer, activation error by
+        layer (vision and language towers separately) and, when measured, sensitivity by layer; the
+        ``top`` worst modules of each panel are annotated.
+
+        Example:
+            >>> import pandas as pd
+            >>> t = pd.DataFrame({"module": ["model.layers.0.mlp.down_proj"], "tower": ["language"],
+            ...                   "group": ["language_mlp"], "layer": [0], "weight_error": [0.1]})
+            >>> [f.axes[0].get_ylabel() for f in QuantReport(t).plot()]
+            ['relative RMS weight error (%)']
+        """
+        from ..plots import report_figures
+
+        return report_figures(self, top=top)
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (the on-disk format); NaN becomes ``null``."""
+        return {
+            "format": REPORT_FORMAT,
+            "version": REPORT_VERSION,
+            "meta": _clean(self.meta),
+            "modules": _records(self.table),
+            "blocks": _records(self.blocks),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any) -> QuantReport:
+        """Inverse of :meth:`to_dict`, with a clear error for anything that is not a dq_kit report."""
+        if not isinstance(data, dict) or data.get("format") != REPORT_FORMAT:
+            raise AnalysisError(f'Not a dq_kit report: expected a JSON object with "format": "{REPORT_FORMAT}".')
+        if data.get("version", 0) > REPORT_VERSION:
+            raise AnalysisError(f"Report format version {data['version']} is newer than this dq_kit understands; upgrade dq_kit.")
+        modules = data.get("modules")
+        if not isinstance(modules, list) or not all(isinstance(row, dict) and "module" in row for row in modules):
+            raise AnalysisError("Malformed report: 'modules' must be a list of rows that each name a 'module'.")
+        table = pd.DataFrame(modules)
+        if "layer" in table.columns:
+            table["layer"] = table["layer"].astype("Int64")
+        blocks = pd.DataFrame(data.get("blocks") or [], columns=None if data.get("blocks") else list(BLOCK_COLUMNS))
+        if "layer" in blocks.columns:
+            blocks["layer"] = blocks["layer"].astype("Int64")
+        return cls(table, blocks, data.get("meta") or {})
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the report as JSON (atomically: a reader never sees half a file).
+
+        Example:
+            >>> import tempfile, os, pandas as pd
+            >>> path = QuantReport(pd.DataFrame({"module": ["a"], "weight_error": [0.1]})).save(
+            ...     os.path.join(tempfile.mkdtemp(), "report.json"))
+            >>> QuantReport.load(path).table["module"].tolist()
+            ['a']
+        """
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> QuantReport:
+        """Read a report saved by :meth:`save`; a missing or corrupt file raises :class:`AnalysisError`."""
+        return cls.from_dict(read_json(path, "Report", AnalysisError))
+
+    # ---- display -----------------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """A few lines: model, calibration, measured KL of uniform 4-bit and the worst modules."""
+        meta = self.meta
+        lines = [
+            f"QuantReport: {meta.get('model_type', '?')} ({meta.get('family', '?')}), {len(self.table)} quantizable modules, "
+            f"{meta.get('quant_type', 'nf4')} blocksize {meta.get('blocksize', '?')}",
+        ]
+        if "calibration_samples" in meta:
+            lines.append(f"  calibration: {meta['calibration_samples']} samples, {meta.get('scored_tokens', '?')} scored tokens")
+        if meta.get("kl_uniform") is not None:
+            lines.append(
+                f"  uniform 4-bit vs 16-bit: KL {meta['kl_uniform']:.4g} nats/token, top-1 agreement {meta.get('top1_agreement', float('nan')):.1%}"
+            )
+        if "sensitivity" in self.table.columns:
+            lines.append(f"  sum of module sensitivities: {self.table['sensitivity'].sum():.4g} nats/token")
+        issues = self.table.get("issues")
+        if issues is not None and issues.fillna("").astype(bool).any():
+            lines.append(f"  {int(issues.fillna('').astype(bool).sum())} module(s) with issues (see the 'issues' column)")
+        try:
+            metric = self.default_metric()
+        except AnalysisError:
+            return "\n".join(lines)
+        lines.append(f"  worst by {metric}:")
+        for _, row in self.worst(5).iterrows():
+            lines.append(f"    {row['module']:<60} {row[metric]:.4g}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        return self.summary()
+
+    def _repr_html_(self) -> str:
+        return "<pre>" + self.summary() + "</pre>" + self.table.to_html(max_rows=40)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return _clean(value.item())
+    return value
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+    return [_clean(row) for row in rows]
+
+
+def build_report(
+    infos: list[Any],
+    weights: dict[str, dict[str, float]],
+    activations: dict[str, dict[str, dict[str, float]]] | None,
+    sensitivities: dict[str, dict[str, float]],
+    issues: dict[str, list[str]],
+    block_layers: dict[str, tuple[str, int | None]],
+    meta: dict[str, Any],
+    double_quant: bool = True,
+) -> QuantReport:
+    """Assemble a :class:`QuantReport` from per-module measurements (used by both analysis modes).
+
+    Args:
+        infos: :class:`dq_kit.registry.ModuleInfo` of every quantizable Linear, in model order.
+        weights: ``{module: weight metrics}``.
+        activations: ``{"modules": {module: metrics}, "blocks": {block: metrics}}`` or ``None``.
+        sensitivities: ``{column name: {module: nats}}`` (``sensitivity``, ``sensitivity_loo``).
+        issues: ``{module: [problem, ...]}``.
+        block_layers: ``{block: (tower, layer)}``.
+        meta: report metadata.
+        double_quant: whether ``bytes_nf4`` counts double-quantized scales.
+    """
+    from ..memory import nf4_weight_bytes
+
+    rows = []
+    for info in infos:
+        row: dict[str, Any] = {
+            "module": info.name,
+            "tower": info.tower,
+            "group": info.group,
+            "layer": info.layer,
+            "numel": info.numel,
+            "bytes_16bit": 2 * info.numel,
+            "bytes_nf4": nf4_weight_bytes(info.numel, double_quant),
+        }
+        row.update(weights.get(info.name, {}))
+        if activations is not None:
+            values = dict(activations["modules"].get(info.name, {}))
+            nonfinite = values.pop("nonfinite_samples", 0)
+            if nonfinite:
+                issues.setdefault(info.name, []).append(f"non-finite activations in {nonfinite} sample(s)")
+            row.update(values)
+        for column, values in sensitivities.items():
+            row[column] = values.get(info.name, float("nan"))
+        row["issues"] = "; ".join(issues.get(info.name, []))
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table["layer"] = table["layer"].astype("Int64")
+    block_rows = []
+    if activations is not None:
+        for block, values in activations["blocks"].items():
+            tower, layer = block_layers.get(block, ("language", None))
+            block_rows.append({"block": block, "tower": tower, "layer": layer, **values})
+    blocks = pd.DataFrame(block_rows, columns=list(BLOCK_COLUMNS))
+    blocks["layer"] = blocks["layer"].astype("Int64")
+    return QuantReport(table, blocks, meta)

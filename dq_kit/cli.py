@@ -1,0 +1,199 @@
+"""``dq-kit`` command line: a thin argparse front over the public API.
+
+Each subcommand is one ``_add_<name>(subparsers)`` function registered in :data:`SUBCOMMANDS`
+that sets ``func`` to a handler ``(args) -> int``; adding a command means adding one function.
+
+Example:
+    $ dq-kit analyze ./my-model --calib calib.jsonl --out report.json --sequential
+    $ dq-kit analyze Qwen/Qwen2-VL-2B-Instruct --out report.json --metrics weight activation --plots figures/
+    $ dq-kit plan report.json --budget 0.10 --out plan.json
+    $ dq-kit memory meta-llama/Llama-3.2-11B-Vision-Instruct --plan plan.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from .errors import DQError
+
+
+def _read_calibration(path: str) -> list[Any]:
+    """Samples from a JSON list or a JSONL file (strings, chat samples or model-input dicts)."""
+    from .calibration import CalibrationError
+
+    file = Path(path)
+    if not file.is_file():
+        raise CalibrationError(f"Calibration file not found: {file}")
+    text = file.read_text(encoding="utf-8")
+    try:
+        if file.suffix == ".jsonl":
+            return [json.loads(line) for line in text.splitlines() if line.strip()]
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise CalibrationError(f"Calibration file {file} is not valid JSON/JSONL ({exc}).") from exc
+    if not isinstance(data, list):
+        raise CalibrationError(f"Calibration file {file} must hold a JSON list of samples (or one sample per line as .jsonl).")
+    return data
+
+
+def _run_analyze(args: argparse.Namespace) -> int:
+    from .analysis import analyze
+
+    calibration = _read_calibration(args.calib) if args.calib else None
+    base_dir = os.path.dirname(os.path.abspath(args.calib)) if args.calib else None
+    if calibration is None and args.n_calib is not None:
+        from .calibration import default_calibration
+        from .modeling import auto_class, resolve_config
+
+        from transformers import AutoModelForImageTextToText
+
+        vlm = auto_class(resolve_config(args.model)) is AutoModelForImageTextToText
+        calibration = default_calibration(n=args.n_calib, images=vlm)
+    report = analyze(
+        args.model,
+        calibration,
+        metrics=tuple(args.metrics),
+        quant_type=args.quant_type,
+        blocksize=args.blocksize,
+        estimator=args.estimator,
+        sequential=args.sequential,
+        max_length=args.max_length,
+        progress=not args.quiet,
+        base_dir=base_dir,
+    )
+    report.save(args.out)
+    if args.plots:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        folder = Path(args.plots)
+        folder.mkdir(parents=True, exist_ok=True)
+        for index, figure in enumerate(report.plot()):
+            figure.savefig(folder / f"analysis_{index}.png", dpi=120)
+    print(report.summary())
+    print(f"Report written to {args.out}")
+    return 0
+
+
+def _add_analyze(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "analyze",
+        help="measure weight / activation / sensitivity error of 4-bit quantization per module",
+        description="Analyse a 16-bit model and write a dq_kit report (JSON) for dq.plan / dq.QuantReport.load.",
+    )
+    parser.add_argument("model", help="local model folder or hub id")
+    parser.add_argument("--calib", help="JSON list or JSONL file of calibration samples (strings, chat samples with image paths "
+                        "relative to the file, or model-input dicts); default: dq_kit's built-in set")
+    parser.add_argument("--n-calib", type=int, default=None, help="size of the built-in calibration set (default 32)")
+    parser.add_argument("--out", required=True, help="where to write the report JSON")
+    parser.add_argument("--metrics", nargs="+", default=["weight", "activation", "sensitivity"],
+                        choices=["weight", "activation", "sensitivity"], help="metrics to measure (default: all)")
+    parser.add_argument("--estimator", default="fisher", choices=["fisher", "loo", "both"], help="sensitivity estimator")
+    parser.add_argument("--sequential", action="store_true", help="hold one block at a time (models larger than memory)")
+    parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
+    parser.add_argument("--blocksize", type=int, default=64)
+    parser.add_argument("--max-length", type=int, default=None, help="truncate text-only calibration samples")
+    parser.add_argument("--plots", help="also save the report's figures as PNG files in this folder")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    parser.set_defaults(func=_run_analyze)
+
+
+def _run_plan(args: argparse.Namespace) -> int:
+    from .analysis import QuantReport
+    from .planner import plan, predicted_kl
+
+    report = QuantReport.load(args.report)
+    chosen = plan(
+        report,
+        budget=args.budget,
+        budget_bytes=args.budget_bytes,
+        threshold=args.threshold,
+        top_k=args.top_k,
+        keep=args.keep,
+        quantize=args.quantize,
+        preset=args.preset,
+    )
+    chosen.save(args.out)
+    print(chosen)
+    print(f"predicted KL {predicted_kl(report, chosen):.4g} nats/token (uniform NF4: {report.meta['kl_uniform']:.4g})")
+    print(f"Plan written to {args.out}")
+    return 0
+
+
+def _add_plan(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "plan",
+        help="choose the modules to keep in 16-bit from a report, under a memory budget",
+        description="Read a dq_kit report and write a plan (JSON) for dq.load(..., quant='dynamic', plan=...).",
+    )
+    parser.add_argument("report", help="report JSON written by `dq-kit analyze`")
+    parser.add_argument("--out", required=True, help="where to write the plan JSON")
+    parser.add_argument("--budget", type=float, default=0.10, help="extra memory over uniform NF4, as a fraction (default 0.10)")
+    parser.add_argument("--budget-bytes", type=int, default=None, help="the budget in bytes instead")
+    parser.add_argument("--threshold", type=float, default=None, help="keep every module whose sensitivity is at least this")
+    parser.add_argument("--top-k", type=int, default=None, help="keep the k most sensitive modules (fused groups count once)")
+    parser.add_argument("--keep", nargs="*", default=[], help="names or regexes always kept in 16-bit")
+    parser.add_argument("--quantize", nargs="*", default=[], help="names or regexes never kept")
+    parser.add_argument("--preset", action="store_true", help="start from the architecture preset")
+    parser.set_defaults(func=_run_plan)
+
+
+def _run_memory(args: argparse.Namespace) -> int:
+    from .memory import estimate_memory
+    from .plan import Plan
+
+    print(estimate_memory(args.model, Plan.load(args.plan) if args.plan else None))
+    return 0
+
+
+def _add_memory(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "memory",
+        help="model size in 16-bit, NF4 and dynamic 4-bit, without downloading weights",
+        description="Estimate a model's footprint on the meta device (configs of popular VLMs ship with dq_kit).",
+    )
+    parser.add_argument("model", help="local model folder or hub id")
+    parser.add_argument("--plan", help="plan JSON (default: the architecture preset)")
+    parser.set_defaults(func=_run_memory)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_analyze, _add_plan, _add_memory]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``dq-kit`` argument parser with every registered subcommand.
+
+    Example:
+        >>> build_parser().parse_args(["analyze", "model-dir", "--out", "r.json"]).metrics
+        ['weight', 'activation', 'sensitivity']
+    """
+    parser = argparse.ArgumentParser(prog="dq-kit", description="Dynamic 4-bit quantization toolkit for vision-language models.")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in SUBCOMMANDS:
+        add(subparsers)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``dq-kit``; returns the exit status (2 for bad input, with a one-line message).
+
+    Example:
+        >>> main(["analyze", "/no/such/model", "--out", "/tmp/r.json", "--quiet"])  # doctest: +SKIP
+        2
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except DQError as exc:
+        print(f"dq-kit {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,139 @@
+"""dq.analyze on tiny models of every family: complete reports, planted outliers, sequential mode, bad input."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import dq_kit as dq  # noqa: E402
+from dq_kit.analysis import AnalysisError, QuantReport, analyze, quantizable_modules  # noqa: E402
+from dq_kit.calibration import default_calibration  # noqa: E402
+
+FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
+COLUMNS = {"module", "tower", "group", "layer", "numel", "bytes_16bit", "bytes_nf4", "weight_error", "weight_rel_error",
+           "weight_max_abs_error", "weight_outlier_ratio", "weight_kurtosis", "act_local_error", "act_accum_error",
+           "sensitivity", "issues"}
+
+
+def _calibration(family: str, n: int = 4):
+    return default_calibration(n=n, images=family != "llama")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_complete_report_for_every_family(family, tiny_path, tmp_path):
+    model, processor = dq.load(tiny_path(family), quant="16bit")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    report = analyze(model, _calibration(family), processor, progress=False)
+
+    assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # not modified
+    assert all(p.grad is None for p in model.parameters())
+    assert COLUMNS <= set(report.table.columns)
+    names = {info.name for info in quantizable_modules(model)}
+    assert set(report.table["module"]) == names and "lm_head" not in names
+    assert report.table[["weight_error", "weight_rel_error", "act_local_error", "act_accum_error", "sensitivity"]].notna().all().all()
+    assert report.table["weight_rel_error"].between(0.05, 0.15).all()  # NF4 on Gaussian weights: ~9%
+    assert (report.table["bytes_nf4"] < report.table["bytes_16bit"]).all()
+    towers = set(report.table["tower"])
+    assert towers == ({"language"} if family == "llama" else {"vision", "projector", "language"})
+    assert len(report.blocks) >= 2 and report.blocks["act_accum_error"].notna().all()
+    meta = report.meta
+    assert meta["model_type"] == model.config.model_type and meta["calibration_samples"] == 4
+    assert meta["kl_uniform"] > 0 and 0 <= meta["top1_agreement"] <= 1
+    assert meta["sensitivity_sum"] == pytest.approx(meta["kl_uniform"], rel=0.7)  # second order, interactions ignored
+
+    loaded = QuantReport.load(report.save(tmp_path / "report.json"))
+    assert loaded.table["module"].tolist() == report.table["module"].tolist()
+    assert loaded.table["sensitivity"].tolist() == pytest.approx(report.table["sensitivity"].tolist())
+    assert loaded.meta["kl_uniform"] == pytest.approx(meta["kl_uniform"])
+    assert len(loaded.blocks) == len(report.blocks)
+    assert report.worst(3)["sensitivity"].is_monotonic_decreasing
+    figures = report.plot()
+    assert len(figures) == 3
+    assert {ax.get_title() for ax in figures[0].axes} == ({"Language model"} if family == "llama" else {"Vision tower", "Language model"})
+    matplotlib.pyplot.close("all")
+
+
+@pytest.mark.parametrize(
+    ("family", "target"),
+    [("llama", "model.layers.0.mlp.gate_proj"), ("qwen2_vl", "model.language_model.layers.0.mlp.gate_proj")],
+)
+def test_planted_outliers_rank_first(family, target):
+    """One input channel of one module made 100x larger: that module ranks first by weight error and sensitivity."""
+    model = dq.tiny.build_tiny_model(family)
+    with torch.no_grad():
+        model.get_submodule(target).weight[:, 5] *= 100
+    report = analyze(model, _calibration(family), dq.tiny.tiny_processor(family), estimator="both", progress=False)
+    assert report.worst(1, by="weight_error")["module"][0] == target
+    assert report.worst(1, by="sensitivity")["module"][0] == target
+    assert report.worst(1, by="sensitivity_loo")["module"][0] == target
+    assert report.meta["spearman_fisher_loo"] > 0.7
+
+
+def test_sequential_matches_whole_model(tiny_path):
+    path = tiny_path("llama")
+    calibration = _calibration("llama")
+    sequential = analyze(path, calibration, sequential=True, progress=False)
+    whole = analyze(path, calibration, progress=False)
+    assert sequential.meta["sequential"] and not whole.meta["sequential"]
+    for column in ("weight_error", "act_local_error", "act_accum_error", "sensitivity"):
+        assert sequential.table[column].tolist() == pytest.approx(whole.table[column].tolist(), rel=1e-4, abs=1e-9)
+    assert sequential.blocks["act_accum_error"].tolist() == pytest.approx(whole.blocks["act_accum_error"].tolist(), rel=1e-4)
+    assert sequential.meta["kl_uniform"] == pytest.approx(whole.meta["kl_uniform"], rel=1e-4)
+
+
+def test_metric_subsets_and_options():
+    model, tokenizer = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
+    weights_only = analyze(model, None, tokenizer, metrics=("weight",), progress=False)
+    assert "weight_error" in weights_only.table and "sensitivity" not in weights_only.table
+    assert "kl_uniform" not in weights_only.meta
+    fp4 = analyze(model, ["A red circle."], tokenizer, metrics="activation", quant_type="fp4", progress=False)
+    assert "weight_error" not in fp4.table and fp4.table["act_accum_error"].notna().all()
+    for bad in ({"metrics": ("speed",)}, {"quant_type": "int4"}, {"blocksize": 60}, {"estimator": "magic"}):
+        with pytest.raises(AnalysisError):
+            analyze(model, ["x"], tokenizer, progress=False, **bad)
+
+
+def test_non_finite_weights_are_reported_per_module():
+    model, tokenizer = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
+    target = "model.layers.1.mlp.up_proj"
+    with torch.no_grad():
+        model.get_submodule(target).weight[0, :3] = float("nan")
+    report = analyze(model, ["A red circle on a blue background."], tokenizer, progress=False)
+    row = report.table.set_index("module").loc[target]
+    assert "3 non-finite" in row["issues"] and row["weight_error"] != row["weight_error"]
+    assert "non-finite activations" in report.table.set_index("module").loc["model.layers.1.mlp.down_proj", "issues"]
+    clean = report.table.set_index("module").loc["model.layers.0.mlp.up_proj"]
+    assert clean["issues"] == "" and clean["weight_error"] > 0
+
+
+def test_clear_errors(tiny_path, tmp_path):
+    with pytest.raises(AnalysisError, match="no quantizable Linear"):
+        analyze(nn.Sequential(nn.ReLU()), ["x"], progress=False)
+    llama = dq.tiny.build_tiny_model("llama")
+    with pytest.raises(AnalysisError, match="text-only: the processor does not belong"):
+        analyze(llama, default_calibration(n=1), dq.tiny.tiny_processor("qwen2_vl"), progress=False)
+    with pytest.raises(AnalysisError, match="image token is not the model's"):
+        analyze(dq.tiny.build_tiny_model("qwen2_vl"), default_calibration(n=1), dq.tiny.tiny_processor("llava"), progress=False)
+    quantized, tokenizer = dq.load(tiny_path("llama"), quant="4bit")
+    with pytest.raises(AnalysisError, match="quant='16bit'"):
+        analyze(quantized, ["x"], tokenizer, progress=False)
+    with pytest.raises(AnalysisError, match="vision-language"):
+        analyze(tiny_path("qwen2_vl"), sequential=True, progress=False)
+    with pytest.raises(AnalysisError, match="folder path"):
+        analyze(llama, ["x"], sequential=True, progress=False)
+    with pytest.raises(AnalysisError, match="estimator='fisher'"):
+        analyze(tiny_path("llama"), ["x"], sequential=True, estimator="loo", progress=False)
+    corrupt = tmp_path / "report.json"
+    corrupt.write_text('{"format": "dq_kit.quant_report", "modules": [')
+    with pytest.raises(AnalysisError, match="not valid JSON"):
+        QuantReport.load(corrupt)
+    corrupt.write_text('{"format": "something else"}')
+    with pytest.raises(AnalysisError, match="Not a dq_kit report"):
+        QuantReport.load(corrupt)
+    with pytest.raises(AnalysisError, match="not found"):
+        QuantReport.load(tmp_path / "missing.json")
