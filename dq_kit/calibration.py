@@ -32,6 +32,7 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from .drawing import PALETTE, SHAPES, draw_shape
 from .errors import DQError
 
 __all__ = ["CalibrationError", "CalibrationSample", "default_calibration", "prepare_calibration"]
@@ -69,18 +70,6 @@ class CalibrationSample:
 # The default calibration set
 # --------------------------------------------------------------------------------------------
 
-_COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-    "grey": (128, 128, 128),
-}
-_SHAPES = ("circle", "square", "triangle", "rectangle", "ellipse")
 _SIZES = ("small", "medium-sized", "large")
 _QUESTIONS = (
     "What is in the image?",
@@ -112,30 +101,20 @@ _TEXT_PROMPTS = (
 
 def _draw_image(rng: random.Random, size: int) -> tuple[PIL.Image.Image, str, str, str, str]:
     """One to three shapes on a plain or two-tone background; returns the image and a description."""
-    background, colour = rng.sample(sorted(_COLOURS), 2)
-    image = PIL.Image.new("RGB", (size, size), _COLOURS[background])
+    background, colour = rng.sample(sorted(PALETTE), 2)
+    image = PIL.Image.new("RGB", (size, size), PALETTE[background])
     draw = PIL.ImageDraw.Draw(image)
     if rng.random() < 0.3:  # a horizon: two-tone background
-        draw.rectangle((0, size * 2 // 3, size, size), fill=_COLOURS[rng.choice(sorted(_COLOURS))])
+        draw.rectangle((0, size * 2 // 3, size, size), fill=PALETTE[rng.choice(sorted(PALETTE))])
     count = rng.choice((1, 1, 2, 3))
-    shape = rng.choice(_SHAPES)
+    shape = rng.choice(SHAPES)
     where = ""
     for index in range(count):
         extent = rng.randint(size // 5, size // 2)
         left, top = rng.randint(0, size - extent), rng.randint(0, size - extent)
         box = (left, top, left + extent, top + extent)
-        fill = _COLOURS[colour] if index == 0 else _COLOURS[rng.choice(sorted(_COLOURS))]
-        kind = shape if index == 0 else rng.choice(_SHAPES)
-        if kind == "circle":
-            draw.ellipse(box, fill=fill)
-        elif kind == "ellipse":
-            draw.ellipse((left, top + extent // 4, left + extent, top + extent * 3 // 4), fill=fill)
-        elif kind == "triangle":
-            draw.polygon([(left, box[3]), (box[2], box[3]), (left + extent // 2, top)], fill=fill)
-        elif kind == "rectangle":
-            draw.rectangle((left, top + extent // 4, left + extent, top + extent * 3 // 4), fill=fill)
-        else:
-            draw.rectangle(box, fill=fill)
+        fill = PALETTE[colour] if index == 0 else PALETTE[rng.choice(sorted(PALETTE))]
+        draw_shape(draw, shape if index == 0 else rng.choice(SHAPES), box, fill)
         if index == 0:
             horizontal = "left" if left + extent / 2 < size / 3 else "right" if left + extent / 2 > 2 * size / 3 else "centre"
             vertical = "top" if top + extent / 2 < size / 2 else "bottom"

@@ -32,7 +32,7 @@ def nf4_weight_bytes(numel: int, double_quant: bool = True) -> int:
     per-block scales (8-bit with double quantization, else fp32) and the quantization codes.
 
     Example:
-        >>> nf4_weight_bytes(4096 * 4096) / (4096 * 4096) * 8     # bits per parameter
+        >>> nf4_weight_bytes(4096 * 4096) / (4096 * 4096) * 8     # doctest: +ELLIPSIS
         4.12704...
     """
     blocks = math.ceil(numel / BLOCKSIZE)

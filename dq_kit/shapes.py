@@ -8,7 +8,7 @@ Example:
     >>> from dq_kit.shapes import shapes_dataset
     >>> splits = shapes_dataset(20, seed=0, task="describe")
     >>> splits["train"][0]["answer"]
-    'a blue triangle on the right'
+    'a red circle on the left'
 """
 
 from __future__ import annotations
@@ -20,12 +20,10 @@ import PIL.ImageDraw
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
 from tqdm.auto import tqdm
 
-COLOURS: dict[str, tuple[int, int, int]] = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-}
+from . import drawing
+from .drawing import PALETTE
+
+COLOURS: dict[str, tuple[int, int, int]] = {name: PALETTE[name] for name in ("red", "green", "blue", "yellow")}
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 POSITIONS: tuple[str, ...] = ("left", "middle", "right")
 BACKGROUND = (250, 250, 250)
@@ -50,7 +48,7 @@ FEATURES = Features(
 
 
 def draw_shape(draw: PIL.ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], colour: str) -> None:
-    """Draw one filled ``shape`` ("circle", "square", "triangle") inside ``box`` (left, top, right, bottom).
+    """Draw one filled ``shape`` ("circle", "square", "triangle") of a named colour inside ``box``.
 
     Example:
         >>> image = PIL.Image.new("RGB", (56, 56), BACKGROUND)
@@ -58,16 +56,9 @@ def draw_shape(draw: PIL.ImageDraw.ImageDraw, shape: str, box: tuple[int, int, i
         >>> image.getpixel((20, 20))
         (220, 40, 40)
     """
-    fill = COLOURS[colour]
-    left, top, right, bottom = box
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon([(left, bottom), (right, bottom), ((left + right) // 2, top)], fill=fill)
-    else:
+    if shape not in SHAPES:
         raise ValueError(f"Unknown shape {shape!r}; choose from {SHAPES}.")
+    drawing.draw_shape(draw, shape, box, COLOURS[colour])
 
 
 def _single(rng: random.Random, size: int) -> tuple[PIL.Image.Image, dict[str, str]]:

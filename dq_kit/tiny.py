@@ -29,6 +29,8 @@ import torch
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+from .drawing import PALETTE, draw_shape
+
 FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
 
 _VOCAB = 384
@@ -78,16 +80,7 @@ _ROLE_TOKENS: dict[str, dict[str, str | None]] = {
     "llama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
 }
 
-_COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 170, 60),
-    "blue": (40, 80, 220),
-    "yellow": (235, 210, 40),
-    "purple": (140, 60, 180),
-    "orange": (245, 140, 30),
-    "white": (245, 245, 245),
-    "black": (20, 20, 20),
-}
+_COLOURS = {name: rgb for name, rgb in PALETTE.items() if name != "grey"}
 _SHAPES = ("circle", "square", "triangle")
 _CORPUS = [
     *(
@@ -445,11 +438,5 @@ def tiny_image(seed: int = 0, size: int = 56) -> PIL.Image.Image:
     left, top = rng.randint(0, size - extent), rng.randint(0, size - extent)
     box = (left, top, left + extent - 1, top + extent - 1)
     draw = PIL.ImageDraw.Draw(image)
-    shape = rng.choice(_SHAPES)
-    if shape == "circle":
-        draw.ellipse(box, fill=_COLOURS[foreground])
-    elif shape == "square":
-        draw.rectangle(box, fill=_COLOURS[foreground])
-    else:
-        draw.polygon([(left, box[3]), (box[2], box[3]), (left + extent // 2, top)], fill=_COLOURS[foreground])
+    draw_shape(draw, rng.choice(_SHAPES), box, _COLOURS[foreground])
     return image
