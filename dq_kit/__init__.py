@@ -7,6 +7,12 @@ Example:
     >>> dq.inspect(model)                                                  # doctest: +SKIP
 """
 
+import logging
+
+# bitsandbytes logs a warning at import on CPUs with AVX512-BF16 when the optional `kernels` package
+# (which would fetch CPU kernels from a hub) is absent; its own fallback kernels work, so drop it.
+logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(lambda record: "kernels-community" not in record.getMessage())
+
 from . import calibration, data, modeling, registry, tiny, widgets
 from .analysis import AnalysisError, QuantReport, analyze
 from .calibration import CalibrationError, default_calibration
@@ -19,7 +25,7 @@ from .inspection import inspect
 from .loading import load, load_processor
 from .lora import add_lora
 from .memory import MemoryEstimate, estimate_memory
-from .plan import Plan
+from .plans import Plan
 from .planner import plan, predicted_kl
 from .quantize import quantize
 from .train import sft_trainer

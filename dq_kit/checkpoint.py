@@ -38,7 +38,7 @@ from . import registry
 from ._io import atomic_write_text, read_json, write_json
 from .errors import DQError, PlanError, UnsupportedModelError
 from .memory import GIB, MemoryEstimate, estimate_memory, loaded_bytes
-from .plan import Plan, matches_skip_pattern
+from .plans import Plan, matches_skip_pattern
 from .verify import is_quantized, verify
 
 PLAN_FILE = "dq_plan.json"

@@ -146,7 +146,7 @@ def _add_plan(subparsers: Any) -> None:
 
 def _run_memory(args: argparse.Namespace) -> int:
     from .memory import estimate_memory
-    from .plan import Plan
+    from .plans import Plan
 
     print(estimate_memory(args.model, Plan.load(args.plan) if args.plan else None))
     return 0

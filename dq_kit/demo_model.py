@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from . import tiny
 from ._io import write_json
+from .errors import DQError
 from .export import atomic_directory
 from .inference import evaluate_answers
 from .shapes import shapes_dataset
@@ -35,6 +36,7 @@ DEMO_HIDDEN = 128
 DEMO_TEXT_LAYERS = 4
 DEMO_VISION_BLOCKS = 3
 RESULT_FILE = "demo_training.json"
+SHIPPED_DIR = Path(__file__).parent / "assets" / "demo_model"
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,21 @@ class DemoResult:
     n_test: int
     seed: int
     task: str
+
+
+def demo_model_path() -> Path:
+    """The folder of the demo model shipped inside dq_kit (load it with ``dq.load``).
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model, processor = dq.load(demo_model_path(), quant="dynamic")   # doctest: +SKIP
+    """
+    if not (SHIPPED_DIR / "config.json").is_file():
+        raise DQError(
+            f"The demo model is missing from {SHIPPED_DIR}. Re-install dq_kit, or rebuild it with "
+            "`python scripts/train_demo_model.py`."
+        )
+    return SHIPPED_DIR
 
 
 def demo_config() -> transformers.Qwen2VLConfig:

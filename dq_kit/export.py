@@ -31,7 +31,7 @@ from .errors import DQError
 from .loading import load
 from .lora import make_4bit_trainable
 from .modeling import default_dtype
-from .plan import Plan
+from .plans import Plan
 
 
 @contextmanager
@@ -160,8 +160,8 @@ def merge_to_16bit(
     model.to(dtype)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
-    if getattr(model, "is_gradient_checkpointing", False):
-        model.gradient_checkpointing_disable()
+    if getattr(model, "is_activation_checkpointing", False):
+        model.activation_checkpointing_disable()
     model.eval()
     if path is not None:
         with atomic_directory(path) as staging:

@@ -12,7 +12,7 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 from .checkpoint import plan_from_checkpoint, prequantized_config
 from .errors import DQError, ModelNotFoundError, PlanError
 from .modeling import auto_class, default_device_map, default_dtype, local_or_hub, meta_model, resolve_config
-from .plan import Plan
+from .plans import Plan
 from .registry import family_of
 from .verify import verify
 

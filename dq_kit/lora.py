@@ -142,12 +142,9 @@ def add_lora(
     checkpoint_kwargs = {"use_reentrant": False}
     if any(is_quantized(module) for module in model.modules()):
         make_4bit_trainable(model)
-        model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=gradient_checkpointing, gradient_checkpointing_kwargs=checkpoint_kwargs
-        )
-    elif gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=checkpoint_kwargs)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
         model.enable_input_require_grads()
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
     with torch.random.fork_rng(devices=[]):

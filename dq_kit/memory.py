@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import registry
-from .plan import Plan
+from .plans import Plan
 
 GIB = 2**30
 BLOCKSIZE = 4 * 16  # bitsandbytes' 4-bit blocksize

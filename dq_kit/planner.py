@@ -25,7 +25,7 @@ import pandas as pd
 
 from . import registry
 from .errors import PlanError
-from .plan import Plan, matches_skip_pattern
+from .plans import Plan, matches_skip_pattern
 
 _FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 _BUCKETS = 4096

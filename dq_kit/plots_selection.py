@@ -22,7 +22,7 @@ from typing import Any
 import pandas as pd
 from matplotlib.figure import Figure
 
-from .plan import Plan
+from .plans import Plan
 from .plots import _layer_axis, _panels, short_name
 from .style import ANNOTATION_FONTSIZE, COLORS, PANEL_HEIGHT, PANEL_WIDTH, TOWER_TITLES, rc
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from .errors import DQError
-from .plan import Plan
+from .plans import Plan
 from .verify import is_quantized, verify
 
 

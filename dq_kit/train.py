@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -113,8 +114,8 @@ def default_sft_config(output_dir: str | os.PathLike = "dq_outputs/sft", has_eva
         "eval_steps": 50 if has_eval else None,
         "report_to": "none",
         "max_length": None,
-        "gradient_checkpointing": True,
-        "gradient_checkpointing_kwargs": {"use_reentrant": False},
+        "activation_checkpointing": True,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
         "dataloader_num_workers": 0,
         "seed": 0,
     }
@@ -173,6 +174,9 @@ def sft_trainer(
     settings["assistant_only_loss"] = responses_only and conversational
     settings["completion_only_loss"] = responses_only and not conversational
     settings.update(sft_config)
+    unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(SFTConfig)})
+    if unknown:
+        raise DQError(f"Unknown training option(s) {unknown}: sft_trainer passes its keywords to trl.SFTConfig, which has no such field.")
     args = SFTConfig(**settings)
     trainer = DQSFTTrainer(
         model=model, args=args, train_dataset=train, eval_dataset=eval, processing_class=processor, callbacks=callbacks

@@ -5,7 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from .errors import VerificationError
-from .plan import Plan
+from .plans import Plan
 
 
 def is_quantized(module: nn.Module) -> bool:

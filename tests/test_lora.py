@@ -74,7 +74,7 @@ def test_16bit_model_and_empty_selection(tiny_path):
     with pytest.raises(dq.DQError, match="selected no module"):
         add_lora(model, attention=False, mlp=False)
     peft_model = add_lora(model, r=2, mlp=False)
-    assert peft_model.get_base_model().is_gradient_checkpointing
+    assert peft_model.get_base_model().is_activation_checkpointing
     with pytest.raises(dq.DQError, match="already has LoRA"):
         add_lora(peft_model)
 

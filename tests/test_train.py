@@ -9,7 +9,7 @@ from dq_kit.lora import add_lora
 from dq_kit.shapes import shapes_dataset
 from dq_kit.train import last_checkpoint, sft_trainer
 
-FAST = {"per_device_train_batch_size": 2, "logging_steps": 1, "disable_tqdm": True, "gradient_checkpointing": False}
+FAST = {"per_device_train_batch_size": 2, "logging_steps": 1, "disable_tqdm": True, "activation_checkpointing": False}
 
 
 @pytest.fixture(scope="module")
@@ -117,3 +117,12 @@ def test_lora_on_4bit_model_learns_a_task(tiny_path, tmp_path):
     print(f"answer-token loss {before_loss:.3f} -> {after_loss:.3f}; exact match {before.exact_match:.2f} -> {after.exact_match:.2f}")
     assert after_loss < before_loss - 0.5  # measured here: 6.06 -> 4.94 (randomly initialised tiny model)
     assert after.exact_match >= before.exact_match
+
+
+def test_unknown_training_option_is_a_clear_error(tiny_path):
+    import dq_kit as dq
+
+    model, processor = dq.load(tiny_path("qwen2_vl"), quant="16bit")
+    splits = dq.data.shapes_dataset(8, task="colour", test_size=None)
+    with pytest.raises(dq.DQError, match=r"Unknown training option\(s\) \['warmup_ratios'\]"):
+        dq.sft_trainer(dq.add_lora(model, r=4), processor, splits, warmup_ratios=0.1)

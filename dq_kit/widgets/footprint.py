@@ -19,7 +19,7 @@ from typing import Any
 
 from ..analysis.report import AnalysisError
 from ..memory import MemoryEstimate
-from ..plan import Plan
+from ..plans import Plan
 
 __all__ = ["REQUIRED_META", "report_memory"]
 

@@ -33,7 +33,7 @@ import pandas as pd
 
 from ..analysis.report import AnalysisError
 from ..errors import DQError, PlanError
-from ..plan import Plan
+from ..plans import Plan
 from ..planner import plan as make_plan
 from ..planner import predicted_kl
 from ..plots_selection import selection_figure
