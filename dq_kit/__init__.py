@@ -28,6 +28,7 @@ from .memory import MemoryEstimate, estimate_memory
 from .plans import Plan
 from .planner import plan, predicted_kl
 from .quantize import quantize
+from .refine import Refiner, refine_plan
 from .train import sft_trainer
 from .verify import verify
 
@@ -38,6 +39,7 @@ __all__ = [
     "CalibrationError",
     "ComparisonResult",
     "QuantReport",
+    "Refiner",
     "analyze",
     "calibration",
     "default_calibration",
@@ -63,6 +65,7 @@ __all__ = [
     "plan",
     "predicted_kl",
     "quantize",
+    "refine_plan",
     "save",
     "compare",
     "modeling",

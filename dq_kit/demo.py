@@ -48,7 +48,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     """Run the demo and print every step's result."""
     parser = argparse.ArgumentParser(prog="python -m dq_kit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=0.10, help="extra memory over all-NF4 for the dynamic plan")
-    parser.add_argument("--steps", type=int, default=60, help="LoRA fine-tuning steps")
+    parser.add_argument("--steps", type=int, default=400, help="LoRA fine-tuning steps")
+    parser.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate")
     parser.add_argument("--eval-samples", type=int, default=48)
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -84,32 +85,32 @@ def main(argv: Sequence[str] | None = None) -> None:
         scores = evaluate_answers(model, processor, held_out, max_new_tokens=12)
         print(f"{name:8s} held-out exact match {scores.exact_match:.0%}, token F1 {scores.token_f1:.2f}")
 
-    _section(f"5. LoRA on the dynamic 4-bit model: teach it to count shapes ({args.steps} steps)")
-    count = data.shapes_dataset(400, seed=3003, task="count", test_size=48)
-    before = evaluate_answers(md, processor, count["test"], max_new_tokens=6)
+    _section(f"5. LoRA on the dynamic 4-bit model: teach it a new skill, naming the colour alone ({args.steps} steps)")
+    skill = data.shapes_dataset(400, seed=3003, task="colour", test_size=48)
+    before = evaluate_answers(md, processor, skill["test"], max_new_tokens=6)
     peft_model = add_lora(md, r=16, alpha=32)
     with tempfile.TemporaryDirectory() as output_dir:
         trainer = sft_trainer(
             peft_model,
             processor,
-            count["train"],
+            skill["train"],
             output_dir=output_dir,
             max_steps=args.steps,
             per_device_train_batch_size=8,
-            learning_rate=2e-3,
+            learning_rate=args.lr,
             lr_scheduler_type="cosine",
             warmup_steps=5,
             save_strategy="no",
             logging_steps=10,
         )
         trainer.train()
-    after = evaluate_answers(peft_model, processor, count["test"], max_new_tokens=6)
-    print(f"counting, held-out exact match: before {before.exact_match:.0%} -> after {after.exact_match:.0%}")
+    after = evaluate_answers(peft_model, processor, skill["test"], max_new_tokens=6)
+    print(f"'What colour is the shape?', held-out exact match: before {before.exact_match:.0%} -> after {after.exact_match:.0%}")
 
     _section("6. dq.generate with the fine-tuned model")
-    sample = count["test"][0]
-    answer = generate(peft_model, processor, sample["images"][0], "How many shapes are there?", max_new_tokens=6)
-    print(f"Q: How many shapes are there?  A: {answer!r}  (truth: {sample['answer']!r})")
+    sample = skill["test"][0]
+    answer = generate(peft_model, processor, sample["images"][0], "What colour is the shape?", max_new_tokens=6)
+    print(f"Q: What colour is the shape?  A: {answer!r}  (truth: {sample['answer']!r})")
 
     _section("7. Memory planner for real VLMs (no weights downloaded)")
     print(_memory_table().to_string(index=False))

@@ -90,9 +90,9 @@ def test_fused_projections_share_one_decision():
     names = [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"] + ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]
     sizes = [64 * 64] * 6
     report = synthetic_report(sizes, [0.5, 0.0, 0.0, 0.01, 0.3, 0.0], names=names, nf4_total=10**6)
-    chosen = plan(report, top_k=1)
+    chosen = plan(report, top_k=1, fuse=True)
     assert set(chosen.keep) == {f"model.layers.0.self_attn.{p}_proj" for p in "qkv"}
-    unfused = plan(report, top_k=1, fuse=False)
+    unfused = plan(report, top_k=1)
     assert unfused.keep == ("model.layers.0.self_attn.q_proj",)
 
 
