@@ -26,7 +26,10 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) -m pytest -q -m slow
-	$(PY) benchmarks/run_all.py
+	$(PY) benchmarks/analysis_estimator.py
+	$(PY) benchmarks/sequential_memory.py
+	$(PY) benchmarks/prepare_models.py
+	$(PY) benchmarks/quality.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

@@ -77,7 +77,7 @@ def refine_plan(
     quantize: Iterable[str] = (),
     preset: bool = False,
     candidates: int = 24,
-    fuse: bool = True,
+    fuse: bool = False,
     score: str = "sensitivity",
     max_length: int | None = None,
     progress: bool = True,
@@ -322,7 +322,7 @@ class Refiner:
         quantize: Iterable[str] = (),
         preset: bool = False,
         candidates: int = 24,
-        fuse: bool = True,
+        fuse: bool = False,
         score: str = "sensitivity",
     ) -> Plan:
         """The lowest-calibration-KL plan found within the budget (greedy in context, checked against the report's plan)."""
