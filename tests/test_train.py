@@ -100,7 +100,6 @@ def test_interrupted_training_resumes_to_the_same_result(tiny_path, tmp_path, sh
     assert last_checkpoint(tmp_path / "empty") is None  # resume_from_checkpoint=True then starts from scratch
 
 
-@pytest.mark.slow
 def test_lora_on_4bit_model_learns_a_task(tiny_path, tmp_path):
     """Held-out answer-token loss and exact match before and after a short LoRA fine-tune of a 4-bit model."""
     from dq_kit.inference import evaluate_answers
