@@ -28,6 +28,7 @@ benchmark: $(STAMP)
 	$(PY) -m pytest -q -m slow
 	$(PY) benchmarks/analysis_estimator.py
 	$(PY) benchmarks/sequential_memory.py
+	$(PY) benchmarks/training.py
 	$(PY) benchmarks/prepare_models.py
 	$(PY) benchmarks/quality.py
 
