@@ -33,7 +33,7 @@ def nf4_weight_bytes(numel: int, double_quant: bool = True) -> int:
 
     Example:
         >>> nf4_weight_bytes(4096 * 4096) / (4096 * 4096) * 8     # doctest: +ELLIPSIS
-        4.12704...
+        4.1274...
     """
     blocks = math.ceil(numel / BLOCKSIZE)
     packed = math.ceil(numel / 2)
@@ -164,3 +164,39 @@ def loaded_bytes(module: nn.Module) -> int:
             total += 4 if state.offset is not None else 0
             state = state.state2 if state.nested else None
     return total
+
+
+REPORT_META = ("bytes_16bit", "bytes_4bit")
+
+
+def report_memory(report: Any, plan: Plan) -> MemoryEstimate:
+    """Sizes of an analysed model in 16-bit, all-NF4 and under ``plan``, from its ``QuantReport``
+    alone (no model, no weights): the report's whole-model footprints plus, for every kept module,
+    its 16-bit minus its NF4 bytes.
+
+    Example:
+        >>> import pandas as pd
+        >>> from dq_kit.analysis import QuantReport
+        >>> report = QuantReport(pd.DataFrame({"module": ["a"], "bytes_16bit": [2048], "bytes_nf4": [600]}),
+        ...                      meta={"bytes_16bit": 4096, "bytes_4bit": 2648})
+        >>> round(report_memory(report, Plan(keep=("a",))).plan_overhead, 3)
+        0.547
+    """
+    from .analysis.report import AnalysisError
+
+    missing = [key for key in REPORT_META if key not in report.meta]
+    if missing:
+        raise AnalysisError(f"report.meta lacks {missing} (whole-model footprints): re-run dq.analyze with this dq_kit version.")
+    table = report.table
+    kept = table[table["module"].isin(plan.keep)]
+    extra = int((kept["bytes_16bit"] - kept["bytes_nf4"]).sum())
+    bytes_16bit = int(report.meta["bytes_16bit"])
+    return MemoryEstimate(
+        model=str(report.meta.get("name_or_path") or report.meta.get("model_type") or "model"),
+        params=bytes_16bit // 2,
+        bytes_16bit=bytes_16bit,
+        bytes_4bit=int(report.meta["bytes_4bit"]),
+        bytes_plan=int(report.meta["bytes_4bit"]) + extra,
+        plan_source=plan.source,
+        kept_modules=len(plan.keep),
+    )

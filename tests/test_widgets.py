@@ -96,7 +96,7 @@ def test_initial_plan_is_pinned(report):
     given = dq.Plan(keep=("model.visual.merger.mlp.0", "model.visual.merger.mlp.2"), model_type="qwen2_vl")
     selector = LayerSelector(report, plan=given)
     assert set(given.keep) <= set(selector.plan.keep)
-    assert selector.budget.value == pytest.approx(min(dq.widgets.footprint.report_memory(report, given).plan_overhead, 0.3))
+    assert selector.budget.value == pytest.approx(min(dq.memory.report_memory(report, given).plan_overhead, 0.3))
 
 
 def test_error_figure_tabs_draw_on_first_open(report):

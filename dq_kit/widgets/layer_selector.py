@@ -39,7 +39,7 @@ from ..planner import predicted_kl
 from ..plots_selection import selection_figure
 from ..style import COLORS
 from ._format import chip, figure_png, human_bytes
-from .footprint import REQUIRED_META, report_memory
+from ..memory import REPORT_META, report_memory
 
 __all__ = ["REQUIRED_COLUMNS", "LayerSelector"]
 
@@ -348,7 +348,7 @@ def _check_report(report: Any, score: str) -> None:
     if missing:
         hint = " Run dq.analyze with metrics including 'sensitivity'." if score in missing else ""
         raise AnalysisError(f"LayerSelector needs the report column(s) {missing}; the report has {sorted(table.columns)}.{hint}")
-    missing_meta = [k for k in (*REQUIRED_META, "kl_uniform") if k not in report.meta]
+    missing_meta = [k for k in (*REPORT_META, "kl_uniform") if k not in report.meta]
     if missing_meta:
         raise AnalysisError(f"LayerSelector needs report.meta[{missing_meta}] (whole-model footprints and the measured "
                             "all-NF4 KL); re-run dq.analyze with metrics including 'sensitivity' on this dq_kit version.")
