@@ -192,8 +192,8 @@ def image_token_ids(processor: Any = None, config: Any = None) -> set[int]:
 
     Example:
         >>> import dq_kit as dq
-        >>> sorted(image_token_ids(dq.tiny.tiny_processor("qwen2_vl")))
-        [5]
+        >>> sorted(image_token_ids(dq.tiny.tiny_processor("qwen2_vl")))   # <|image_pad|>, <|video_pad|>
+        [5, 6]
     """
     ids: set[int] = set()
     for attr in ("image_token_id", "image_token_index", "video_token_id"):

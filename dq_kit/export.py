@@ -130,7 +130,8 @@ def merge_to_16bit(
         >>> model, processor = dq.load(dq.tiny.save_tiny("llava", "/tmp/tiny-llava"), quant="dynamic")
         >>> merged = merge_to_16bit(dq.add_lora(model, r=4))          # doctest: +ELLIPSIS
         trainable params: ...
-        >>> any(dq.verify.is_quantized(m) for m in merged.modules())
+        >>> from dq_kit.verify import is_quantized
+        >>> any(is_quantized(m) for m in merged.modules())
         False
     """
     if not isinstance(peft_model, PeftModel):

@@ -81,7 +81,7 @@ def analyze(
         >>> import dq_kit as dq
         >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
         >>> report = dq.analyze(model, ["A red circle.", "Two blue squares."], tok, progress=False)
-        >>> report.worst(1)["module"].str.startswith("model.layers").all()
+        >>> bool(report.worst(1)["module"].str.startswith("model.layers").all())
         True
     """
     started = time.perf_counter()
