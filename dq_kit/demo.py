@@ -16,6 +16,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import pandas as pd
 
@@ -44,11 +45,47 @@ def _memory_table() -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def teach_skill(model: Any, processor: Any, splits: Any, steps: int = 800, lr: float = 2e-3) -> tuple[Any, Any, Any]:
+    """LoRA-fine-tune ``model`` on ``splits["train"]`` and score ``splits["test"]`` before and after.
+
+    Returns ``(peft_model, scores_before, scores_after)`` (:class:`dq_kit.inference.AnswerScores`).
+
+    Example:
+        >>> import dq_kit as dq
+        >>> from dq_kit.demo_model import demo_model_path
+        >>> model, processor = dq.load(demo_model_path(), quant="dynamic")
+        >>> splits = dq.data.shapes_dataset(40, seed=3, task="colour", test_size=8)
+        >>> _, before, after = teach_skill(model, processor, splits, steps=2)   # doctest: +ELLIPSIS
+        trainable params: ...
+        >>> before.exact_match
+        0.0
+    """
+    before = evaluate_answers(model, processor, splits["test"], max_new_tokens=6)
+    peft_model = add_lora(model, r=16, alpha=32)
+    with tempfile.TemporaryDirectory() as output_dir:
+        trainer = sft_trainer(
+            peft_model,
+            processor,
+            splits["train"],
+            output_dir=output_dir,
+            max_steps=steps,
+            per_device_train_batch_size=8,
+            learning_rate=lr,
+            lr_scheduler_type="cosine",
+            warmup_steps=5,
+            save_strategy="no",
+            logging_steps=50,
+            disable_tqdm=True,
+        )
+        trainer.train()
+    return peft_model, before, evaluate_answers(peft_model, processor, splits["test"], max_new_tokens=6)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run the demo and print every step's result."""
     parser = argparse.ArgumentParser(prog="python -m dq_kit.demo", description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=float, default=0.10, help="extra memory over all-NF4 for the dynamic plan")
-    parser.add_argument("--steps", type=int, default=400, help="LoRA fine-tuning steps")
+    parser.add_argument("--steps", type=int, default=800, help="LoRA fine-tuning steps")
     parser.add_argument("--lr", type=float, default=2e-3, help="LoRA learning rate")
     parser.add_argument("--eval-samples", type=int, default=48)
     args = parser.parse_args(argv)
@@ -87,24 +124,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     _section(f"5. LoRA on the dynamic 4-bit model: teach it a new skill, naming the colour alone ({args.steps} steps)")
     skill = data.shapes_dataset(400, seed=3003, task="colour", test_size=48)
-    before = evaluate_answers(md, processor, skill["test"], max_new_tokens=6)
-    peft_model = add_lora(md, r=16, alpha=32)
-    with tempfile.TemporaryDirectory() as output_dir:
-        trainer = sft_trainer(
-            peft_model,
-            processor,
-            skill["train"],
-            output_dir=output_dir,
-            max_steps=args.steps,
-            per_device_train_batch_size=8,
-            learning_rate=args.lr,
-            lr_scheduler_type="cosine",
-            warmup_steps=5,
-            save_strategy="no",
-            logging_steps=10,
-        )
-        trainer.train()
-    after = evaluate_answers(peft_model, processor, skill["test"], max_new_tokens=6)
+    peft_model, before, after = teach_skill(md, processor, skill, steps=args.steps, lr=args.lr)
     print(f"'What colour is the shape?', held-out exact match: before {before.exact_match:.0%} -> after {after.exact_match:.0%}")
 
     _section("6. dq.generate with the fine-tuned model")
