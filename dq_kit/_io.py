@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +29,37 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+@contextmanager
+def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh staging folder next to ``path``; on success it replaces ``path`` by rename.
+
+    A reader sees the old folder or the complete new one, never a half-written one: an existing
+    folder is moved aside, the new one renamed into place, then the old one deleted. On an
+    exception the staging folder is removed and ``path`` is left (or put back) as it was.
+
+    Example:
+        >>> with atomic_directory("/tmp/dq-atomic-demo") as staging:
+        ...     _ = (staging / "a.txt").write_text("hello")
+        >>> (Path("/tmp/dq-atomic-demo") / "a.txt").read_text()
+        'hello'
+    """
+    path = Path(path).expanduser().resolve()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    backup = staging.with_suffix(".old")
+    try:
+        yield staging
+        if path.exists():
+            os.replace(path, backup)
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        if backup.exists() and not path.exists():
+            os.replace(backup, path)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> Path:

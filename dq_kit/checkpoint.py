@@ -21,11 +21,7 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import uuid
 import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +31,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from . import registry
-from ._io import atomic_write_text, read_json, write_json
+from ._io import atomic_directory, atomic_write_text, read_json, write_json
 from .errors import DQError, PlanError, UnsupportedModelError
 from .memory import GIB, MemoryEstimate, estimate_memory, loaded_bytes
 from .plans import Plan, matches_skip_pattern
@@ -90,7 +86,8 @@ def save(
         plan.check(model)
         if quantized:
             verify(model, plan)
-    with _atomic_folder(path) as folder:
+    _check_replaceable(Path(path).expanduser())
+    with atomic_directory(path) as folder:
         model.save_pretrained(folder)
         if quantized:
             _write_exact_skip_list(folder / "config.json", plan)
@@ -104,27 +101,10 @@ def save(
     return Path(path).expanduser()
 
 
-@contextmanager
-def _atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty sibling folder; on success swap it in for ``path``, on failure remove it."""
-    path = Path(path).expanduser()
+def _check_replaceable(path: Path) -> None:
+    """Refuse to replace anything but a missing or empty folder, or a model checkpoint folder."""
     if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / "config.json").is_file())):
         raise DQError(f"{path} exists and is not a model checkpoint folder; refusing to replace it. Choose a new or empty folder.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = uuid.uuid4().hex[:8]
-    staging, backup = path.with_name(f".{path.name}.tmp-{tag}"), path.with_name(f".{path.name}.old-{tag}")
-    staging.mkdir()
-    try:
-        yield staging
-        if path.exists():
-            os.replace(path, backup)
-        os.replace(staging, path)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        if backup.exists() and not path.exists():
-            os.replace(backup, path)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
 
 
 def _write_exact_skip_list(config_file: Path, plan: Plan) -> None:

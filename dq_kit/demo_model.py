@@ -26,9 +26,8 @@ from datasets import Dataset
 from tqdm.auto import tqdm
 
 from . import tiny
-from ._io import write_json
+from ._io import atomic_directory, write_json
 from .errors import DQError
-from .export import atomic_directory
 from .inference import evaluate_answers
 from .shapes import shapes_dataset
 

@@ -14,10 +14,7 @@ Example:
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -27,42 +24,12 @@ from peft import PeftModel
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from ._io import atomic_directory
 from .errors import DQError
 from .loading import load
 from .lora import make_4bit_trainable
 from .modeling import default_dtype
 from .plans import Plan
-
-
-@contextmanager
-def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a fresh staging folder next to ``path``; on success it replaces ``path`` in one rename.
-
-    A reader sees the old folder or the complete new one, never a half-written one (an existing
-    folder is moved aside first, then the new one renamed into place, then the old one deleted).
-    On an exception the staging folder is removed and ``path`` is untouched.
-
-    Example:
-        >>> with atomic_directory("/tmp/dq-atomic-demo") as staging:
-        ...     _ = (staging / "a.txt").write_text("hello")
-        >>> (Path("/tmp/dq-atomic-demo") / "a.txt").read_text()
-        'hello'
-    """
-    path = Path(path).expanduser().resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
-        os.replace(path, old / path.name)
-    os.replace(staging, path)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def save_adapter(peft_model: PeftModel, path: str | os.PathLike, processor: Any = None) -> Path:
