@@ -30,7 +30,7 @@ from .planner import plan, predicted_kl
 from .quantize import quantize
 from .refine import Refiner, refine_plan
 from .train import sft_trainer
-from .verify import verify
+from .verification import verify
 
 __version__ = "0.1.0"
 

@@ -35,7 +35,7 @@ from ._io import atomic_directory, atomic_write_text, read_json, write_json
 from .errors import DQError, PlanError, UnsupportedModelError
 from .memory import GIB, MemoryEstimate, estimate_memory, loaded_bytes
 from .plans import Plan, matches_skip_pattern
-from .verify import is_quantized, verify
+from .verification import is_quantized, verify
 
 PLAN_FILE = "dq_plan.json"
 REPORT_FILE = "dq_report.json"

@@ -33,7 +33,7 @@ from ._io import read_json, write_json
 from .chat import EncodedChat, encode_answer
 from .errors import DQError
 from .memory import GIB, loaded_bytes
-from .verify import is_quantized
+from .verification import is_quantized
 
 RESULT_FORMAT = "dq_kit.comparison"
 SUMMARY_COLUMNS = ["variant", "GiB", "KL mean", "KL se", "KL p99", "top-1 agreement %", "perplexity", "gap closed %"]

@@ -97,7 +97,7 @@ def merge_to_16bit(
         >>> model, processor = dq.load(dq.tiny.save_tiny("llava", "/tmp/tiny-llava"), quant="dynamic")
         >>> merged = merge_to_16bit(dq.add_lora(model, r=4))          # doctest: +ELLIPSIS
         trainable params: ...
-        >>> from dq_kit.verify import is_quantized
+        >>> from dq_kit.verification import is_quantized
         >>> any(is_quantized(m) for m in merged.modules())
         False
     """

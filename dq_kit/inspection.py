@@ -6,7 +6,7 @@ from torch import nn
 
 from . import registry
 from .memory import loaded_bytes
-from .verify import is_quantized
+from .verification import is_quantized
 
 
 def inspect(model: nn.Module):

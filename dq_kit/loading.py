@@ -14,7 +14,7 @@ from .errors import DQError, ModelNotFoundError, PlanError
 from .modeling import auto_class, default_device_map, default_dtype, local_or_hub, meta_model, resolve_config
 from .plans import Plan
 from .registry import family_of
-from .verify import verify
+from .verification import verify
 
 QUANT_MODES = ("16bit", "4bit", "dynamic")
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import DQError
 from .registry import ModuleInfo, linear_modules
-from .verify import is_quantized
+from .verification import is_quantized
 
 _ATTENTION_GROUPS = {"vision_attention", "language_attention", "cross_attention"}
 _MLP_GROUPS = {"vision_mlp", "language_mlp", "projector"}

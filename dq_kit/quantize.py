@@ -23,7 +23,7 @@ from transformers import PreTrainedModel
 
 from .errors import DQError
 from .plans import Plan
-from .verify import is_quantized, verify
+from .verification import is_quantized, verify
 
 
 def quantize(model: PreTrainedModel, plan: Plan | None = None) -> PreTrainedModel:
@@ -33,7 +33,7 @@ def quantize(model: PreTrainedModel, plan: Plan | None = None) -> PreTrainedMode
     The compute dtype is the model's dtype; quant type and double quantization come from the plan.
     Afterwards ``model.dq_plan`` is ``plan``, ``model.is_loaded_in_4bit`` is true and
     ``model.config.quantization_config`` holds the exact skip list, as after a 4-bit
-    ``from_pretrained``; the result is checked with :func:`dq_kit.verify`.
+    ``from_pretrained``; the result is checked with :func:`dq_kit.verification`.
 
     Args:
         model: a transformers model with real (not meta) 16- or 32-bit weights, not yet quantized.

@@ -12,7 +12,7 @@ from torch import nn
 import dq_kit as dq
 from dq_kit.checkpoint import PLAN_FILE, plan_from_checkpoint, prequantized_config, save
 from dq_kit.quantize import quantize
-from dq_kit.verify import is_quantized
+from dq_kit.verification import is_quantized
 
 # Reloads the folder with plain transformers + bitsandbytes in a fresh interpreter (dq_kit never imported).
 RELOAD = textwrap.dedent(

@@ -6,7 +6,7 @@ from torch import nn
 
 import dq_kit as dq
 from dq_kit import registry
-from dq_kit.verify import is_quantized
+from dq_kit.verification import is_quantized
 
 ALL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
 

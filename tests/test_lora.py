@@ -12,7 +12,7 @@ import dq_kit as dq
 from dq_kit.export import merge_to_16bit, requantize, save_adapter
 from dq_kit.inference import generate
 from dq_kit.lora import add_lora, lora_targets
-from dq_kit.verify import is_quantized
+from dq_kit.verification import is_quantized
 
 ALL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
 

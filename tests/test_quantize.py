@@ -4,7 +4,7 @@ from torch import nn
 
 import dq_kit as dq
 from dq_kit.quantize import quantize
-from dq_kit.verify import is_quantized
+from dq_kit.verification import is_quantized
 
 
 def unquantized(model):

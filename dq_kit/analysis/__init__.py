@@ -172,7 +172,7 @@ def quantizable_modules(model: nn.Module) -> list[registry.ModuleInfo]:
         >>> len(quantizable_modules(dq.tiny.build_tiny_model("llama")))
         14
     """
-    from ..verify import is_quantized
+    from ..verification import is_quantized
 
     heads = set(registry.output_head_names(model))
     modules = dict(model.named_modules())
