@@ -157,14 +157,24 @@ def auto_class(config: PretrainedConfig) -> type:
     )
 
 
-def meta_model(config: PretrainedConfig, *, trust_remote_code: bool = False) -> nn.Module:
+def meta_model(config: PretrainedConfig, *, trust_remote_code: bool = False, buffers: bool = False) -> nn.Module:
     """The model skeleton on the meta device: every module and shape, no memory for weights.
+
+    With ``buffers=True`` the buffers (rotary frequencies and the like, small and often not stored in
+    checkpoints) are real tensors on the CPU; only the parameters are on the meta device.
 
     Example:
         >>> model = meta_model(resolve_config("Qwen/Qwen2-VL-2B-Instruct"))
         >>> next(model.parameters()).device.type
         'meta'
+        >>> next(meta_model(resolve_config("Qwen/Qwen2-VL-2B-Instruct"), buffers=True).buffers()).device.type
+        'cpu'
     """
+    if buffers:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
 

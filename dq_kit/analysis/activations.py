@@ -71,7 +71,7 @@ def swapped(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[N
         >>> lin = nn.Linear(2, 2)
         >>> before = lin.weight.detach().clone()
         >>> with swapped(nn.Sequential(lin), {"0": torch.zeros(2, 2)}):
-        ...     float(lin.weight.abs().sum())
+        ...     float(lin.weight.detach().abs().sum())
         0.0
         >>> torch.equal(lin.weight, before)
         True
