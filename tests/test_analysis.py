@@ -12,7 +12,9 @@ from torch import nn  # noqa: E402
 
 import dq_kit as dq  # noqa: E402
 from dq_kit.analysis import AnalysisError, QuantReport, analyze, quantizable_modules  # noqa: E402
+from dq_kit.analysis.sequential import _Layout  # noqa: E402
 from dq_kit.calibration import default_calibration  # noqa: E402
+from dq_kit.modeling import meta_model, resolve_config, shipped_hub_ids  # noqa: E402
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
 COLUMNS = {"module", "tower", "group", "layer", "numel", "bytes_16bit", "bytes_nf4", "weight_error", "weight_rel_error",
@@ -111,6 +113,18 @@ def test_sequential_mllama_vision_gradients_from_a_sharded_checkpoint(tmp_path):
     assert (sequential.table.loc[vision, "sensitivity"] > 0).all()
     assert sequential.table["sensitivity"].tolist() == pytest.approx(whole.table["sensitivity"].tolist(), rel=1e-4, abs=1e-12)
     assert sequential.table["act_accum_error"].tolist() == pytest.approx(whole.table["act_accum_error"].tolist(), rel=1e-4)
+
+
+@pytest.mark.parametrize("hub_id", shipped_hub_ids())
+def test_sequential_layout_of_real_models(hub_id):
+    """The front / layers / head split on the real configs: the vision tower and projector stay in memory,
+    every language layer streams."""
+    skeleton = meta_model(resolve_config(hub_id))
+    layout = _Layout.of(skeleton)
+    assert len(layout.layer_names) == skeleton.config.get_text_config().num_hidden_layers
+    towers = {info.name: info.tower for info in quantizable_modules(skeleton)}
+    assert {tower for name, tower in towers.items() if layout.in_front(name)} == {"vision", "projector"}
+    assert all(layout.in_trunk(name) for name, tower in towers.items() if tower == "language")
 
 
 def test_metric_subsets_and_options():

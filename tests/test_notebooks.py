@@ -175,16 +175,20 @@ def test_finetune_llama32_vision_runs_headless_on_a_hub_style_dataset(tiny_path,
         "DQ_NOTEBOOK_MODEL": str(tiny_path("mllama")),
         "DQ_NOTEBOOK_DATASET": str(data_dir),
         "DQ_NOTEBOOK_COLUMNS": json.dumps({"image": "picture", "question": "query", "answer": "label"}),
+        "DQ_NOTEBOOK_ANALYZE": "1",
+        "DQ_NOTEBOOK_SAMPLES": "3",
         **TINY_TRAINING,
     }
     outputs, printed = execute("03_finetune_llama32_vision.ipynb", tmp_path, monkeypatch, env)
 
     assert "4 training rows, 2 held-out rows" in printed and "What colour is the shape?" in printed
+    measured = dq.Plan.load(tmp_path / "out" / "dq_plan.json")  # sequential analysis on 3 training rows, +10%, preset kept
+    assert "QuantReport: mllama" in printed and "sensitivity" in rich(outputs["analyze"], "text/html")[0]
+    assert "model.language_model.layers.3.cross_attn.o_proj" in measured.keep and len(measured.keep) > 1
     cross_attention = value(outputs["load"])["text/html"]
     assert "model.language_model.layers.3.cross_attn.o_proj" in cross_attention  # kept: not the first cross-attention layer
-    assert "model.language_model.layers.1.cross_attn.o_proj" in cross_attention  # the first one: NF4
     for label in ("before training", "after training", "merged + re-quantized"):
         percentages(printed, label)
     assert (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
     merged_plan = dq.Plan.load(tmp_path / "out" / "merged-dynamic" / "dq_plan.json")
-    assert merged_plan.keep == ("model.language_model.layers.3.cross_attn.o_proj",)  # re-quantized with the preset
+    assert set(merged_plan.keep) == set(measured.keep)  # trained and re-quantized with the measured plan

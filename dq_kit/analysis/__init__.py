@@ -137,10 +137,8 @@ def analyze(
         num_tokens = outcome["num_tokens"]
         meta.update(_kl_meta(samples, outcome))
         if "sensitivity" in metrics:
-            deltas = {name: dequantized[name] - modules[name].weight.detach() for name in dequantized}
             if estimator in ("fisher", "both"):
-                sensitivities["sensitivity"] = outcome["fisher"].scores(deltas, num_tokens)
-            del deltas
+                sensitivities["sensitivity"] = outcome["fisher"].scores(num_tokens)
             if estimator in ("loo", "both"):
                 tick = time.perf_counter()
                 loo = leave_one_out(model, samples, dequantized, progress)
@@ -350,7 +348,7 @@ def _calibration_pass(
     device, dtype = _device_dtype(model)
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight for name in dequantized}
-    fisher = FisherAccumulator(weights)
+    fisher = FisherAccumulator(weights, dequantized)
     generator = torch.Generator().manual_seed(seed)
     probe = ActivationProbe(model, dequantized, blocks if "activation" in metrics else {}, local="activation" in metrics)
     was_training = model.training

@@ -64,47 +64,49 @@ def sample_labels(ref_logp: torch.Tensor, generator: torch.Generator) -> torch.T
 
 
 class FisherAccumulator:
-    """Running sum of squared per-sample weight gradients, turned into KL scores.
+    """Fisher-weighted 4-bit error ``½ Σ_samples Σ (g ⊙ ΔW)²`` of each weight, summed as gradients arrive.
+
+    ``g`` is one sample's gradient of the weight and ``ΔW`` the 4-bit round trip minus the weight, so
+    the sum equals ``½ Σ F ⊙ ΔW²`` with the empirical Fisher ``F = Σ_samples g²`` — without ever
+    holding ``F`` (a full-size fp32 copy of every weight).
+
+    Args:
+        weights: ``{name: parameter}`` whose ``.grad`` is read after each sample's backward pass.
+        dequantized: ``{name: 4-bit round trip of that weight}``.
 
     Example:
         >>> w = torch.nn.Parameter(torch.ones(2, 2))
-        >>> acc = FisherAccumulator({"m": w})
+        >>> acc = FisherAccumulator({"m": w}, {"m": torch.full((2, 2), 1.5)})
         >>> (w * torch.tensor([[1.0, 0.0], [0.0, 0.0]])).sum().backward()
         >>> acc.accumulate()
-        >>> acc.scores({"m": torch.full((2, 2), 0.5)}, num_tokens=1)["m"]
+        >>> acc.scores(num_tokens=1)["m"]
         0.125
     """
 
-    def __init__(self, weights: dict[str, torch.nn.Parameter]) -> None:
+    def __init__(self, weights: dict[str, torch.nn.Parameter], dequantized: dict[str, torch.Tensor]) -> None:
         self.weights = weights
-        self.fisher: dict[str, torch.Tensor] = {}
+        self.dequantized = dequantized
+        self.totals: dict[str, float] = {}
 
     def accumulate(self) -> None:
-        """Add the squared ``.grad`` of every weight and reset the gradients."""
-        for name, weight in self.weights.items():
-            if weight.grad is None:
-                continue
-            squared = weight.grad.detach().float().pow(2)
-            if name in self.fisher:
-                self.fisher[name] += squared
-            else:
-                self.fisher[name] = squared
-            weight.grad = None
+        """Add this sample's ``Σ (g ⊙ ΔW)²`` for every weight with a gradient, and reset the gradients."""
+        with torch.no_grad():
+            for name, weight in self.weights.items():
+                if weight.grad is None:
+                    continue
+                delta = self.dequantized[name].float() - weight.detach().float()
+                self.totals[name] = self.totals.get(name, 0.0) + float((weight.grad.float() * delta).pow(2).sum())
+                weight.grad = None
 
-    def add(self, name: str, grad: torch.Tensor) -> None:
-        """Add one squared gradient for ``name`` directly (used by the sequential mode)."""
-        squared = grad.detach().float().pow(2)
-        self.fisher[name] = self.fisher[name] + squared if name in self.fisher else squared
-
-    def scores(self, deltas: dict[str, torch.Tensor], num_tokens: int) -> dict[str, float]:
-        """``½ Σ F ⊙ ΔW² / num_tokens`` per module (nats per scored token)."""
+    def scores(self, num_tokens: int) -> dict[str, float]:
+        """``½ Σ F ⊙ ΔW² / num_tokens`` per weight (nats per scored token); 0 for a weight no gradient reached."""
         out: dict[str, float] = {}
-        for name, delta in deltas.items():
-            fisher = self.fisher.get(name)
-            if fisher is None or num_tokens == 0:
-                out[name] = 0.0 if fisher is None else float("nan")
+        for name in self.weights:
+            total = self.totals.get(name)
+            if total is None or num_tokens == 0:
+                out[name] = 0.0 if total is None else float("nan")
                 continue
-            value = 0.5 * float((fisher * delta.detach().float().pow(2)).sum()) / num_tokens
+            value = 0.5 * total / num_tokens
             out[name] = value if math.isfinite(value) else float("nan")
         return out
 

@@ -425,7 +425,7 @@ def analyze_sequential(
                 param.requires_grad_(False)
             for param in params.values():
                 param.requires_grad_(True)
-            fisher = FisherAccumulator(params)
+            fisher = FisherAccumulator(params, {name: measure_weight(param, **settings)[0] for name, param in params.items()})
             for index in range(len(samples)):
                 if position not in traces16[index].calls:
                     continue
@@ -435,13 +435,12 @@ def analyze_sequential(
                 out.backward(grads[index])
                 fisher.accumulate()
                 grads[index] = x.grad
-            deltas = {name: measure_weight(param, **settings)[0] - param.detach() for name, param in params.items()}
-            scores.update({f"{block_name}.{name}": value for name, value in fisher.scores(deltas, kl_outcome["num_tokens"]).items()})
-            del fisher, deltas, params
+            scores.update({f"{block_name}.{name}": value for name, value in fisher.scores(kl_outcome["num_tokens"]).items()})
+            del fisher, params
             _Weights.free(block)
         # 5. The front: replay each sample with gradients and push in what reached the layers' inputs.
         if track:
-            fisher = FisherAccumulator(front_params)
+            fisher = FisherAccumulator(front_params, front_deq)
             for index, sample in enumerate(_bar(samples, progress, "Sequential: Fisher backward, front")):
                 trace = _record(layout, model_inputs(sample, device, dtype), index, grad=True)
                 stored = traces16[index]
@@ -454,9 +453,8 @@ def analyze_sequential(
                 if outputs:
                     torch.autograd.backward(outputs, gradients)
                 fisher.accumulate()
-            deltas = {name: front_deq[name] - param.detach() for name, param in front_params.items()}
-            scores.update(fisher.scores(deltas, kl_outcome["num_tokens"]))
-            del fisher, deltas
+            scores.update(fisher.scores(kl_outcome["num_tokens"]))
+            del fisher
             _Weights.free(front, only=layout.in_front)
         sensitivities["sensitivity"] = scores
         timings["fisher_backward_s"] = time.perf_counter() - tick
