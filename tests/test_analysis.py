@@ -163,6 +163,10 @@ def test_clear_errors(tiny_path, tmp_path):
     quantized, tokenizer = dq.load(tiny_path("llama"), quant="4bit")
     with pytest.raises(AnalysisError, match="quant='16bit'"):
         analyze(quantized, ["x"], tokenizer, progress=False)
+    with pytest.raises(AnalysisError, match="Download it first"):
+        analyze("no-such-org/no-such-model", ["x"], sequential=True, progress=False)  # offline in the tests
+    with pytest.raises(AnalysisError, match="neither"):
+        analyze(tmp_path / "missing", ["x"], sequential=True, progress=False)
     with pytest.raises(AnalysisError, match="folder path"):
         analyze(llama, ["x"], sequential=True, progress=False)
     with pytest.raises(AnalysisError, match="estimator='fisher'"):

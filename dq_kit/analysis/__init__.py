@@ -65,9 +65,10 @@ def analyze(
             sample) or ``"both"`` (``sensitivity`` is Fisher, ``sensitivity_loo`` the exact value and
             ``meta["spearman_fisher_loo"]`` their rank correlation).
         sequential: hold one language-model layer at a time, reading 16-bit weights from the
-            safetensors checkpoint (``model`` must then be a local folder); peak memory is about one
-            layer, the embeddings and vision tower, and the calibration activations. Same numbers as
-            the whole-model analysis (see :mod:`dq_kit.analysis.sequential`).
+            safetensors checkpoint (``model`` must then be a folder, or a hub id, which is
+            downloaded); peak memory is about one layer, the embeddings and vision tower, and the
+            calibration activations. Same numbers as the whole-model analysis (see
+            :mod:`dq_kit.analysis.sequential`).
         max_length: truncate text-only calibration samples to this many tokens.
         seed: seed of the Fisher label sampling.
         progress: show ``tqdm`` progress bars.

@@ -49,7 +49,7 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..modeling import default_dtype, meta_model, resolve_config
+from ..modeling import _looks_like_path, default_dtype, meta_model, resolve_config
 from .activations import ActivationProbe, _first_tensor, block_names, swapped
 from .checkpoint_reader import Checkpoint
 from .report import AnalysisError, QuantReport, build_report
@@ -238,6 +238,24 @@ def _detached(trace: _Trace, track: bool) -> _Trace:
 # --------------------------------------------------------------------------------------------
 
 
+def _checkpoint_folder(reference: str | os.PathLike) -> Path:
+    """A local model folder as is; a hub id downloaded (config, processor and safetensors files only)."""
+    path = Path(os.fspath(reference)).expanduser()
+    if path.is_dir():
+        return path
+    if _looks_like_path(os.fspath(reference)):
+        raise AnalysisError(f"sequential=True needs a model folder or a hub id; {os.fspath(reference)!r} is neither.")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(os.fspath(reference), allow_patterns=["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model"]))
+    except Exception as exc:  # huggingface_hub raises many kinds (offline, gated, not found, HTTP)
+        raise AnalysisError(
+            f"Could not fetch {os.fspath(reference)!r} for the sequential analysis ({type(exc).__name__}: {exc}). "
+            "Download it first (huggingface_hub.snapshot_download, or `hf download`) and pass the folder."
+        ) from exc
+
+
 def analyze_sequential(
     model: Any,
     calibration: Iterable[Any] | None,
@@ -274,9 +292,7 @@ def analyze_sequential(
         )
     if "sensitivity" in metrics and estimator != "fisher":
         raise AnalysisError("Leave-one-out needs the whole model in memory; use estimator='fisher' with sequential=True.")
-    path = Path(os.fspath(model)).expanduser()
-    if not path.is_dir():
-        raise AnalysisError(f"sequential=True needs a local model folder; {str(model)!r} is not one (download it first).")
+    path = _checkpoint_folder(model)
     config = resolve_config(path)
     skeleton = meta_model(config, buffers=True).eval()
     layout = _Layout.of(skeleton)
