@@ -76,7 +76,13 @@ def local_or_hub(reference: str | os.PathLike) -> str:
     return os.fspath(path) if path.exists() else os.fspath(reference)
 
 
-def _looks_like_path(reference: str) -> bool:
+def looks_like_path(reference: str) -> bool:
+    """Whether ``reference`` reads as a file-system path rather than a hub id (``owner/name``).
+
+    Example:
+        >>> looks_like_path("./my-model"), looks_like_path("Qwen/Qwen2-VL-2B-Instruct")
+        (True, False)
+    """
     return reference.startswith(("/", ".", "~")) or reference.count("/") != 1 or "\\" in reference
 
 
@@ -105,7 +111,7 @@ def resolve_config(
         if path.is_dir() and not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json, so it is not a transformers model folder.")
         return _load_config(path, trust_remote_code)
-    if _looks_like_path(text):
+    if looks_like_path(text):
         raise ModelNotFoundError(f"No model folder at {text!r}. Check the path, or pass a hub id such as 'Qwen/Qwen2-VL-2B-Instruct'.")
     shipped = shipped_config_path(text)
     if prefer_shipped and shipped is not None:

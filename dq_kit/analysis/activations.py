@@ -39,7 +39,7 @@ from torch import nn
 
 from .weights import quantize_roundtrip
 
-__all__ = ["ActivationProbe", "block_names", "quantize_roundtrip", "swapped"]
+__all__ = ["ActivationProbe", "block_names", "first_tensor", "quantize_roundtrip", "swapped"]
 
 _BLOCK_NAME = re.compile(r"^(.*\.)?(?:blocks|layers|layer|h)\.\d+$")
 
@@ -91,7 +91,13 @@ def swapped(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[N
                 param.data = data
 
 
-def _first_tensor(output: Any) -> torch.Tensor | None:
+def first_tensor(output: Any) -> torch.Tensor | None:
+    """The hidden states in a module's output: the tensor itself, the first of a tuple, or ``last_hidden_state``.
+
+    Example:
+        >>> first_tensor((torch.ones(2), None)).shape
+        torch.Size([2])
+    """
     if isinstance(output, torch.Tensor):
         return output
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
@@ -207,7 +213,7 @@ class ActivationProbe:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             if self._busy or self.mode == "off":
                 return
-            tensor = _first_tensor(output)
+            tensor = first_tensor(output)
             if tensor is None:
                 return
             if self.mode == "quantized":
@@ -218,7 +224,7 @@ class ActivationProbe:
                 self._busy = True
                 try:
                     with torch.no_grad(), swapped(module, self._relative(name)):
-                        approx = _first_tensor(module.forward(*args, **kwargs))
+                        approx = first_tensor(module.forward(*args, **kwargs))
                 finally:
                     self._busy = False
                 if approx is not None:

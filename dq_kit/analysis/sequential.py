@@ -49,8 +49,8 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..modeling import _looks_like_path, default_dtype, meta_model, resolve_config
-from .activations import ActivationProbe, _first_tensor, block_names, swapped
+from ..modeling import default_dtype, looks_like_path, meta_model, resolve_config
+from .activations import ActivationProbe, block_names, first_tensor, swapped
 from .checkpoint_reader import Checkpoint
 from .report import AnalysisError, QuantReport, build_report
 from .sensitivity import FisherAccumulator, kl_sum, sample_labels, top1_agreement
@@ -243,7 +243,7 @@ def _checkpoint_folder(reference: str | os.PathLike) -> Path:
     path = Path(os.fspath(reference)).expanduser()
     if path.is_dir():
         return path
-    if _looks_like_path(os.fspath(reference)):
+    if looks_like_path(os.fspath(reference)):
         raise AnalysisError(f"sequential=True needs a model folder or a hub id; {os.fspath(reference)!r} is neither.")
     from huggingface_hub import snapshot_download
 
@@ -271,18 +271,8 @@ def analyze_sequential(
     progress: bool,
     base_dir: str | os.PathLike | None,
 ) -> QuantReport:
-    """Block-at-a-time :func:`dq_kit.analyze` of a checkpoint folder (see the module docstring)."""
-    from . import (
-        _bar,
-        _base_meta,
-        _block_layers,
-        _finite_rows,
-        _kl_meta,
-        _prepare,
-        measure_weight,
-        model_inputs,
-        quantizable_modules,
-    )
+    """Block-at-a-time :func:`dq_kit.analyze` of a checkpoint folder or hub id (see the module docstring)."""
+    from . import _prepare
 
     started = time.perf_counter()
     if isinstance(model, nn.Module):
@@ -293,195 +283,244 @@ def analyze_sequential(
     if "sensitivity" in metrics and estimator != "fisher":
         raise AnalysisError("Leave-one-out needs the whole model in memory; use estimator='fisher' with sequential=True.")
     path = _checkpoint_folder(model)
-    config = resolve_config(path)
-    skeleton = meta_model(config, buffers=True).eval()
-    layout = _Layout.of(skeleton)
-    checkpoint = Checkpoint(path, skeleton)
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    dtype = default_dtype("cpu" if device.type == "cpu" else None)
-    for name, _ in list(skeleton.named_buffers()):
-        set_module_tensor_to_device(skeleton, name, device)
-    weights_io = _Weights(skeleton, checkpoint, device, dtype, {f"{layout.head_name}.weight": f"{layout.embed_name}.weight"})
+    run = _Run(path, metrics, {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}, seed, progress)
     if processor is None:
         from ..loading import load_processor
 
-        processor = load_processor(path, config)
-
-    infos = quantizable_modules(skeleton)
-    settings = {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}
+        processor = load_processor(path, run.config)
     need_forward = bool({"activation", "sensitivity"} & set(metrics))
-    fisher_wanted = "sensitivity" in metrics
-    measure_local = "activation" in metrics
-    meta = _base_meta(skeleton, settings, metrics, estimator, sequential=True)
-    weights: dict[str, dict[str, float]] = {}
-    issues: dict[str, list[str]] = {}
-    module_acts: dict[str, dict[str, float]] = {}
-    block_acts: dict[str, dict[str, float]] = {}
-    timings: dict[str, float] = {}
-    front_names = [info.name for info in infos if layout.in_front(info.name)]
-    all_blocks = block_names(skeleton, [info.name for info in infos])
-    front_blocks = {name: inside for name, inside in all_blocks.items() if layout.in_front(name)}
-    trunk_blocks = {name: [n for n in all_blocks.get(name, [])] for name in layout.layer_names}
+    samples = _prepare(calibration, processor, run.config, max_length, base_dir) if need_forward else []
+    traces16, tracesq = run.front(samples)
+    h16, hq, saved_inputs = run.layers(samples, traces16, tracesq)
+    if need_forward:
+        grads = run.head(samples, h16, hq)
+        del h16, hq, tracesq
+        if run.fisher:
+            grads = run.fisher_layers(samples, traces16, saved_inputs, grads)
+            run.fisher_front(samples, traces16, grads)
+    return run.report(estimator, started)
 
-    def measure(name: str, weight: torch.Tensor) -> torch.Tensor:
-        deq, row, problem = measure_weight(weight, **settings)
-        weights[name] = row
+
+class _Run:
+    """One sequential analysis: the front, then the layers one by one, the head, and back for the Fisher."""
+
+    def __init__(self, path: Path, metrics: Sequence[str], settings: dict[str, Any], seed: int, progress: bool) -> None:
+        from . import quantizable_modules
+
+        self.config = resolve_config(path)
+        self.skeleton = meta_model(self.config, buffers=True).eval()
+        self.layout = _Layout.of(self.skeleton)
+        self.device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        self.dtype = default_dtype("cpu" if self.device.type == "cpu" else None)
+        for name, _ in list(self.skeleton.named_buffers()):
+            set_module_tensor_to_device(self.skeleton, name, self.device)
+        aliases = {f"{self.layout.head_name}.weight": f"{self.layout.embed_name}.weight"}  # tied output head
+        self.io = _Weights(self.skeleton, Checkpoint(path, self.skeleton), self.device, self.dtype, aliases)
+        self.metrics, self.settings, self.seed, self.progress = metrics, settings, seed, progress
+        self.local = "activation" in metrics
+        self.fisher = "sensitivity" in metrics
+        self.infos = quantizable_modules(self.skeleton)
+        names = [info.name for info in self.infos]
+        self.front_names = [name for name in names if self.layout.in_front(name)]
+        self.front_blocks = {block: inside for block, inside in block_names(self.skeleton, names).items() if self.layout.in_front(block)}
+        self.layer_linears = {layer: [name for name in names if _under(name, layer)] for layer in self.layout.layer_names}
+        self.track_front = self.fisher and bool(self.front_names)  # the front has weights a gradient must reach
+        self.front_deq: dict[str, torch.Tensor] = {}
+        self.weights: dict[str, dict[str, float]] = {}
+        self.issues: dict[str, list[str]] = {}
+        self.module_acts: dict[str, dict[str, float]] = {}
+        self.block_acts: dict[str, dict[str, float]] = {}
+        self.scores: dict[str, float] = {}
+        self.kl: dict[str, Any] = {"kl": 0.0, "top1": 0, "num_tokens": 0, "nonfinite_positions": 0}
+        self.samples: list[Any] = []
+        self.timings: dict[str, float] = {}
+
+    @contextlib.contextmanager
+    def _timed(self, key: str) -> Iterator[None]:
+        tick = time.perf_counter()
+        yield
+        self.timings[key] = time.perf_counter() - tick
+
+    def _measure(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        from . import measure_weight
+
+        deq, row, problem = measure_weight(weight, **self.settings)
+        self.weights[name] = row
         if problem:
-            issues[name] = [problem]
+            self.issues[name] = [problem]
         return deq
 
-    samples = _prepare(calibration, processor, config, max_length, base_dir) if need_forward else []
+    def _mode(self, mode: str) -> str:
+        return mode if self.local else "off"
 
-    # 1. The front: weights in memory for the whole run, one recording per sample and stream.
-    tick = time.perf_counter()
-    front = weights_io.load("", only=layout.in_front)
-    front_deq = {name: measure(name, skeleton.get_submodule(name).weight) for name in front_names}
-    front_params = {name: skeleton.get_submodule(name).weight for name in front_names}
-    track = fisher_wanted and bool(front_names)
-    traces16: list[_Trace] = []
-    tracesq: list[_Trace] = []
-    front_probe = ActivationProbe(skeleton, front_deq, front_blocks if measure_local else {}, local=measure_local)
-    if need_forward:
-        for param in skeleton.parameters():
-            param.requires_grad_(False)
-        for param in front_params.values():
-            param.requires_grad_(track)
-        with front_probe:
-            for index, sample in enumerate(_bar(samples, progress, "Sequential: front (embeddings, vision)")):
-                inputs = model_inputs(sample, device, dtype)
-                front_probe.new_sample()
-                front_probe.mode = "reference" if measure_local else "off"
-                traces16.append(_detached(_record(layout, inputs, index, grad=track), track))
-                front_probe.mode = "quantized" if measure_local else "off"
-                with torch.no_grad(), swapped(skeleton, front_deq):
-                    tracesq.append(_detached(_record(layout, inputs, index, grad=False), False))
-        results = front_probe.results()
-        module_acts.update(results["modules"])
-        block_acts.update(results["blocks"])
-    if not track:
-        _Weights.free(front, only=layout.in_front)
-    timings["front_s"] = time.perf_counter() - tick
+    def front(self, samples: list[Any]) -> tuple[list[_Trace], list[_Trace]]:
+        """Read the front; per sample, record what reaches the layers with 16-bit and with 4-bit front weights."""
+        from . import _bar, model_inputs
 
-    # 2. The trunk, one layer at a time: weight metrics, then the 16-bit and 4-bit streams.
-    tick = time.perf_counter()
-    h16 = [trace.hidden for trace in traces16]
-    hq = [trace.hidden for trace in tracesq]
-    saved_inputs: list[list[torch.Tensor | None]] = []
-    for position, block_name in enumerate(_bar(layout.layer_names, progress, "Sequential: layers")):
-        block = weights_io.load(block_name)
-        relative = {name[len(block_name) + 1:]: measure(name, block.get_submodule(name[len(block_name) + 1:]).weight)
-                    for name in trunk_blocks[block_name]}
-        if need_forward:
-            if fisher_wanted:
-                saved_inputs.append(list(h16))
-            probe = ActivationProbe(block, relative, {"": list(relative)} if measure_local else {}, local=measure_local)
-            with torch.no_grad(), probe:
+        self.samples = samples
+        traces16: list[_Trace] = []
+        tracesq: list[_Trace] = []
+        with self._timed("front_s"):
+            front = self.io.load("", only=self.layout.in_front)
+            self.front_deq = {name: self._measure(name, front.get_submodule(name).weight) for name in self.front_names}
+            if samples:
+                for param in front.parameters():
+                    param.requires_grad_(False)
+                for name in self.front_names:
+                    front.get_submodule(name).weight.requires_grad_(self.track_front)
+                probe = ActivationProbe(front, self.front_deq, self.front_blocks if self.local else {}, local=self.local)
+                with probe:
+                    for index, sample in enumerate(_bar(samples, self.progress, "Sequential: front (embeddings, vision)")):
+                        inputs = model_inputs(sample, self.device, self.dtype)
+                        probe.new_sample()
+                        probe.mode = self._mode("reference")
+                        traces16.append(_detached(_record(self.layout, inputs, index, grad=self.track_front), self.track_front))
+                        probe.mode = self._mode("quantized")
+                        with torch.no_grad(), swapped(front, self.front_deq):
+                            tracesq.append(_detached(_record(self.layout, inputs, index, grad=False), False))
+                results = probe.results()
+                self.module_acts.update(results["modules"])
+                self.block_acts.update(results["blocks"])
+            if not self.track_front:
+                _Weights.free(front, only=self.layout.in_front)
+        return traces16, tracesq
+
+    def layers(self, samples: list[Any], traces16: list[_Trace], tracesq: list[_Trace]) -> tuple[list, list, list]:
+        """Each layer once, in order: weight metrics, then the 16-bit and the 4-bit stream through it."""
+        from . import _bar
+
+        h16 = [trace.hidden for trace in traces16]
+        hq = [trace.hidden for trace in tracesq]
+        saved_inputs: list[list[torch.Tensor]] = []
+        with self._timed("layers_s"):
+            for position, layer_name in enumerate(_bar(self.layout.layer_names, self.progress, "Sequential: layers")):
+                layer = self.io.load(layer_name)
+                relative = {_relative(name, layer_name): self._measure(name, self.skeleton.get_submodule(name).weight)
+                            for name in self.layer_linears[layer_name]}
+                if samples:
+                    if self.fisher:
+                        saved_inputs.append(list(h16))
+                    probe = ActivationProbe(layer, relative, {"": list(relative)} if self.local else {}, local=self.local)
+                    with torch.no_grad(), probe:
+                        for index in range(len(samples)):
+                            if position not in traces16[index].calls:
+                                continue  # the model skips this layer for this sample (Mllama cross-attention, text only)
+                            probe.new_sample()
+                            probe.mode = self._mode("reference")
+                            args, kwargs = traces16[index].arguments(position)
+                            h16[index] = first_tensor(layer(h16[index], *args, **kwargs))
+                            probe.mode = self._mode("quantized")
+                            args, kwargs = tracesq[index].arguments(position)
+                            with swapped(layer, relative):
+                                hq[index] = first_tensor(layer(hq[index], *args, **kwargs))
+                    results = probe.results()
+                    self.module_acts.update({f"{layer_name}.{name}": values for name, values in results["modules"].items()})
+                    if self.local and relative:
+                        self.block_acts[layer_name] = results["blocks"][""]
+                del relative
+                _Weights.free(layer)
+        return h16, hq, saved_inputs
+
+    def head(self, samples: list[Any], h16: list[torch.Tensor], hq: list[torch.Tensor]) -> list[torch.Tensor]:
+        """KL and top-1 of the 4-bit stream against the 16-bit one; the loss gradient at the last layer's output."""
+        from . import _bar, _finite_rows
+
+        grads: list[torch.Tensor] = []
+        with self._timed("head_s"):
+            norm = self.io.load(self.layout.norm_name)
+            head = self.io.load(self.layout.head_name)
+            generator = torch.Generator().manual_seed(self.seed)
+            for index, sample in enumerate(_bar(samples, self.progress, "Sequential: output head")):
+                mask = sample.score_mask.to(self.device)
+                hidden = h16[index].detach().requires_grad_(self.fisher)
+                with torch.set_grad_enabled(self.fisher):
+                    logits = head(norm(hidden))[0][mask].float()
+                    finite = _finite_rows(logits.detach())
+                    logits = logits[finite]
+                    ref_logp = torch.log_softmax(logits.detach(), dim=-1)
+                    if self.fisher:
+                        if len(logits):
+                            labels = sample_labels(ref_logp, generator)
+                            torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward(inputs=[hidden])
+                        grads.append(hidden.grad if hidden.grad is not None else torch.zeros_like(hidden))
+                with torch.no_grad():
+                    q_logits = head(norm(hq[index]))[0][mask].float()[finite]
+                self.kl["kl"] += float(kl_sum(ref_logp, q_logits))
+                self.kl["top1"] += top1_agreement(ref_logp, q_logits)
+                self.kl["num_tokens"] += int(finite.sum())
+                self.kl["nonfinite_positions"] += int((~finite).sum())
+            _Weights.free(norm)
+            _Weights.free(head)
+        return grads
+
+    def fisher_layers(self, samples: list[Any], traces16: list[_Trace], saved_inputs: list, grads: list) -> list[torch.Tensor]:
+        """Back through the layers in reverse, one at a time; returns the gradient at the first layer's input."""
+        from . import _bar, measure_weight
+
+        names = self.layout.layer_names
+        with self._timed("fisher_layers_s"):
+            for position in _bar(range(len(names) - 1, -1, -1), self.progress, "Sequential: Fisher backward", total=len(names)):
+                layer = self.io.load(names[position])
+                for param in layer.parameters():
+                    param.requires_grad_(False)
+                params = {_relative(name, names[position]): self.skeleton.get_submodule(name).weight for name in self.layer_linears[names[position]]}
+                for param in params.values():
+                    param.requires_grad_(True)
+                fisher = FisherAccumulator(params, {name: measure_weight(param, **self.settings)[0] for name, param in params.items()})
                 for index in range(len(samples)):
                     if position not in traces16[index].calls:
                         continue
                     args, kwargs = traces16[index].arguments(position)
-                    probe.new_sample()
-                    probe.mode = "reference" if measure_local else "off"
-                    h16[index] = _first_tensor(block(h16[index], *args, **kwargs))
-                    args, kwargs = tracesq[index].arguments(position)
-                    probe.mode = "quantized" if measure_local else "off"
-                    with swapped(block, relative):
-                        hq[index] = _first_tensor(block(hq[index], *args, **kwargs))
-            results = probe.results()
-            module_acts.update({f"{block_name}.{name}": values for name, values in results["modules"].items()})
-            if measure_local and relative:
-                block_acts[block_name] = results["blocks"][""]
-        del relative
-        _Weights.free(block)
-    timings["layers_s"] = time.perf_counter() - tick
+                    x = saved_inputs[position][index].detach().requires_grad_(True)
+                    first_tensor(layer(x, *args, **kwargs)).backward(grads[index])
+                    fisher.accumulate()
+                    grads[index] = x.grad
+                self.scores.update({f"{names[position]}.{name}": value for name, value in fisher.scores(self.kl["num_tokens"]).items()})
+                del fisher, params
+                _Weights.free(layer)
+        return grads
 
-    kl_outcome: dict[str, Any] = {"kl": 0.0, "top1": 0, "num_tokens": 0, "nonfinite_positions": 0}
-    sensitivities: dict[str, dict[str, float]] = {}
-    grads: list[torch.Tensor] = []
-    if need_forward:
-        # 3. The head: KL of the 4-bit stream, and the loss gradient for the Fisher pass.
-        tick = time.perf_counter()
-        norm = weights_io.load(layout.norm_name)
-        head = weights_io.load(layout.head_name)
-        generator = torch.Generator().manual_seed(seed)
-        for index, sample in enumerate(_bar(samples, progress, "Sequential: output head")):
-            mask = sample.score_mask.to(device)
-            hidden = h16[index].detach().requires_grad_(fisher_wanted)
-            with torch.set_grad_enabled(fisher_wanted):
-                logits = head(norm(hidden))[0][mask].float()
-                finite = _finite_rows(logits.detach())
-                logits = logits[finite]
-                ref_logp = torch.log_softmax(logits.detach(), dim=-1)
-                if fisher_wanted:
-                    if len(logits):
-                        labels = sample_labels(ref_logp, generator)
-                        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward(inputs=[hidden])
-                    grads.append(hidden.grad if hidden.grad is not None else torch.zeros_like(hidden))
-            with torch.no_grad():
-                q_logits = head(norm(hq[index]))[0][mask].float()[finite]
-            kl_outcome["kl"] += float(kl_sum(ref_logp, q_logits))
-            kl_outcome["top1"] += top1_agreement(ref_logp, q_logits)
-            kl_outcome["num_tokens"] += int(finite.sum())
-            kl_outcome["nonfinite_positions"] += int((~finite).sum())
-        _Weights.free(norm)
-        _Weights.free(head)
-        del h16, hq, tracesq
-        timings["head_s"] = time.perf_counter() - tick
-        meta.update(_kl_meta(samples, kl_outcome))
+    def fisher_front(self, samples: list[Any], traces16: list[_Trace], grads: list[torch.Tensor]) -> None:
+        """Replay the front with gradients and push in what reached the layers' inputs (image embeddings, cross-attention states)."""
+        from . import _bar, model_inputs
 
-    if fisher_wanted:
-        # 4. Backward through the layers in reverse, one at a time, accumulating squared weight gradients.
-        tick = time.perf_counter()
-        scores: dict[str, float] = {}
-        pairs = list(zip(range(len(layout.layer_names)), layout.layer_names, saved_inputs, strict=True))[::-1]
-        for position, block_name, inputs in _bar(pairs, progress, "Sequential: Fisher backward"):
-            block = weights_io.load(block_name)
-            params = {name[len(block_name) + 1:]: block.get_submodule(name[len(block_name) + 1:]).weight for name in trunk_blocks[block_name]}
-            for param in block.parameters():
-                param.requires_grad_(False)
-            for param in params.values():
-                param.requires_grad_(True)
-            fisher = FisherAccumulator(params, {name: measure_weight(param, **settings)[0] for name, param in params.items()})
-            for index in range(len(samples)):
-                if position not in traces16[index].calls:
-                    continue
-                args, kwargs = traces16[index].arguments(position)
-                x = inputs[index].detach().requires_grad_(True)
-                out = _first_tensor(block(x, *args, **kwargs))
-                out.backward(grads[index])
-                fisher.accumulate()
-                grads[index] = x.grad
-            scores.update({f"{block_name}.{name}": value for name, value in fisher.scores(kl_outcome["num_tokens"]).items()})
-            del fisher, params
-            _Weights.free(block)
-        # 5. The front: replay each sample with gradients and push in what reached the layers' inputs.
-        if track:
-            fisher = FisherAccumulator(front_params, front_deq)
-            for index, sample in enumerate(_bar(samples, progress, "Sequential: Fisher backward, front")):
-                trace = _record(layout, model_inputs(sample, device, dtype), index, grad=True)
-                stored = traces16[index]
+        if not self.track_front:
+            return
+        with self._timed("fisher_front_s"):
+            front = self.skeleton
+            fisher = FisherAccumulator({name: front.get_submodule(name).weight for name in self.front_names}, self.front_deq)
+            for index, sample in enumerate(_bar(samples, self.progress, "Sequential: Fisher backward, front")):
+                trace = _record(self.layout, model_inputs(sample, self.device, self.dtype), index, grad=True)
                 outputs = [trace.hidden] if trace.hidden.requires_grad else []
                 gradients = [grads[index]] if trace.hidden.requires_grad else []
-                for live, leaf in zip(trace.leaves, stored.leaves, strict=True):
+                for live, leaf in zip(trace.leaves, traces16[index].leaves, strict=True):
                     if leaf.grad is not None:
                         outputs.append(live)
                         gradients.append(leaf.grad)
                 if outputs:
                     torch.autograd.backward(outputs, gradients)
                 fisher.accumulate()
-            scores.update(fisher.scores(kl_outcome["num_tokens"]))
-            del fisher
-            _Weights.free(front, only=layout.in_front)
-        sensitivities["sensitivity"] = scores
-        timings["fisher_backward_s"] = time.perf_counter() - tick
+            self.scores.update(fisher.scores(self.kl["num_tokens"]))
+            _Weights.free(front, only=self.layout.in_front)
 
-    if "weight" not in metrics:
-        weights = {}
-    activations = {"modules": module_acts, "blocks": block_acts} if "activation" in metrics else None
-    timings["total_s"] = time.perf_counter() - started
-    meta["timing"] = timings
-    blocks = {**front_blocks, **{name: inside for name, inside in trunk_blocks.items() if inside}}
-    report = build_report(infos, weights, activations, sensitivities, issues, _block_layers(blocks, infos), meta, double_quant)
-    if sensitivities:
-        report.meta["sensitivity_sum"] = float(report.table["sensitivity"].sum())
-    return report
+    def report(self, estimator: str, started: float) -> QuantReport:
+        from . import _base_meta, _block_layers, _kl_meta
+
+        meta = _base_meta(self.skeleton, self.settings, self.metrics, estimator, sequential=True)
+        if self.samples:
+            meta.update(_kl_meta(self.samples, self.kl))
+        weights = self.weights if "weight" in self.metrics else {}
+        activations = {"modules": self.module_acts, "blocks": self.block_acts} if self.local else None
+        sensitivities = {"sensitivity": self.scores} if self.fisher else {}
+        self.timings["total_s"] = time.perf_counter() - started
+        meta["timing"] = self.timings
+        blocks = {**self.front_blocks, **{name: inside for name, inside in self.layer_linears.items() if inside}}
+        report = build_report(self.infos, weights, activations, sensitivities, self.issues, _block_layers(blocks, self.infos),
+                              meta, self.settings["double_quant"])
+        if sensitivities:
+            report.meta["sensitivity_sum"] = float(report.table["sensitivity"].sum())
+        return report
+
+
+def _relative(name: str, parent: str) -> str:
+    return name[len(parent) + 1:]
