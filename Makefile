@@ -31,6 +31,7 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/prepare_models.py
 	$(PY) benchmarks/quality.py
+	$(PY) benchmarks/quality_ceiling.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

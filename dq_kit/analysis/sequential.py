@@ -59,12 +59,14 @@ __all__ = ["analyze_sequential"]
 
 
 # --------------------------------------------------------------------------------------------
-# Where the front, the trunk and the head are
+# Where the front, the layers and the head are
 # --------------------------------------------------------------------------------------------
 
 
 @dataclass
 class _Layout:
+    """Where a model's decoder layers, final norm and output head are; everything else is the front."""
+
     model: nn.Module
     layers: nn.ModuleList
     layer_names: list[str]
