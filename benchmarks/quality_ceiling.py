@@ -38,6 +38,7 @@ from quality import CACHE, LOADERS, RESULTS, HeldOut, Switchable
 import dq_kit as dq
 from dq_kit.analysis import QuantReport
 from dq_kit.analysis.activations import quantize_roundtrip, swapped
+from dq_kit.analysis.sensitivity import spearman
 
 
 class FakeQuant:
@@ -117,7 +118,13 @@ def main() -> None:
     parser.add_argument("--greedy-budgets", default="0.05,0.1", help="budgets for the (slow) oracle greedy")
     parser.add_argument("--gains-from", type=Path, help="reuse the single-module gains of an earlier quality_ceiling.json")
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--from-json", action="store_true", help="only re-render quality_ceiling.md from quality_ceiling.json")
     args = parser.parse_args()
+    if args.from_json:
+        payload = json.loads((RESULTS / "quality_ceiling.json").read_text())
+        (RESULTS / "quality_ceiling.md").write_text(markdown(payload))
+        print(markdown(payload))
+        return
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     spec = LOADERS[args.model](False)
@@ -162,7 +169,8 @@ def main() -> None:
         plan, evaluations, complete = lazy_greedy(report, gains, budget, switch, heldout, kl_nf4, args.max_evaluations)
         greedy_s[budget] = round(time.perf_counter() - tick, 1)
         measure("oracle greedy" if complete else "oracle greedy (stopped at the evaluation cap)", budget, plan, evaluations=evaluations)
-    positive = sorted((g for g in gains.values()), reverse=True)
+    positive = sorted(gains.values(), reverse=True)
+    fisher = report.table.set_index("module")["sensitivity"]
     payload = {
         "model": spec["name"],
         "title": spec["title"],
@@ -172,6 +180,8 @@ def main() -> None:
         "kl_nf4_real_bitsandbytes": kl_real,
         "sum_of_gains": sum(gains.values()),
         "top_gains": positive[:10],
+        "negative_gains": sum(1 for g in gains.values() if g < 0),
+        "spearman_fisher_vs_gain": spearman([fisher[n] for n in gains], list(gains.values())),
         "points": points,
         "gains": gains,
         "timing_s": {"leave_one_in": round(gains_s, 1), "greedy": greedy_s, "total": round(time.perf_counter() - started, 1)},
@@ -203,7 +213,25 @@ def markdown(payload: dict[str, Any]) -> str:
             f"| +{p['budget']:.0%} | {p['strategy']} | +{p['footprint']:.1%} | {p['kl']:.4f} ± {p['kl_se']:.4f} "
             f"| {p['gap_closed']:.1%} | {p['top1']:.1%} | {p['kept']} |"
         )
-    lines += ["", f"Timing (s, {payload['threads']} torch thread, 2 shared CPU cores): {payload['timing_s']}", ""]
+    best = {}
+    for p in payload["points"]:
+        if p["strategy"].startswith("oracle"):
+            best[p["budget"]] = max(best.get(p["budget"], float("-inf")), p["gap_closed"])
+    ours = {p["budget"]: p["gap_closed"] for p in payload["points"] if p["strategy"] == "dq_kit plan (Fisher)"}
+    lines += [
+        "",
+        (
+            "Spearman rank correlation of the Fisher sensitivity (calibration chats) with the single-module held-out gains: "
+            f"{payload['spearman_fisher_vs_gain']:.2f} ({payload['negative_gains']} of the {len(payload['gains'])} gains are "
+            "negative: restoring those modules alone makes held-out KL slightly worse)."
+        ),
+        "",
+        "dq_kit's plan against the best oracle, gap closed: "
+        + ", ".join(f"+{b:.0%}: {ours[b]:.1%} vs {best[b]:.1%}" for b in sorted(best) if b in ours) + ".",
+        "",
+        f"Timing (s, {payload['threads']} torch thread(s), 2 shared CPU cores): {payload['timing_s']}",
+        "",
+    ]
     return "\n".join(lines)
 
 
