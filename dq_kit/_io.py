@@ -14,12 +14,29 @@ from typing import Any
 from .errors import DQError
 
 
+def _usual_mode(directory: bool) -> int:
+    """The permissions ``open()`` / ``mkdir()`` would give under the current umask (temp files get 0600 / 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if directory else 0o666) & ~umask
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a reader sees the old file or the new one, never half."""
+    """Write ``text`` to ``path`` atomically: a reader sees the old file or the new one, never half.
+
+    The file gets the usual permissions (as ``open(path, "w")`` would create it), not a temp file's 0600.
+
+    Example:
+        >>> import tempfile
+        >>> path = atomic_write_text(Path(tempfile.mkdtemp()) / "note.txt", "hello")
+        >>> path.read_text(), oct(path.stat().st_mode & 0o777) == oct(_usual_mode(directory=False))
+        ('hello', True)
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _usual_mode(directory=False))
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
@@ -48,6 +65,7 @@ def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path).expanduser().resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    staging.chmod(_usual_mode(directory=True))
     backup = staging.with_suffix(".old")
     try:
         yield staging

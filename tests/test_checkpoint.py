@@ -194,6 +194,11 @@ def test_failed_save_keeps_the_previous_checkpoint(dynamic_qwen, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"], "staging and backup folders are cleaned up"
     save(model, path)  # replacing a good checkpoint with a new one works
     assert "processor_config.json" not in os.listdir(path)
+    usual = tmp_path / "usual"
+    usual.mkdir()
+    (usual / "f.json").write_text("{}")
+    assert path.stat().st_mode & 0o777 == usual.stat().st_mode & 0o777, "a checkpoint folder gets the usual permissions"
+    assert (path / "dq_plan.json").stat().st_mode & 0o777 == (usual / "f.json").stat().st_mode & 0o777
 
 
 def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(dynamic_qwen, tmp_path):
