@@ -23,9 +23,11 @@ Run: ``.venv/bin/python benchmarks/quality_ceiling.py``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -48,25 +50,16 @@ class FakeQuant:
         self.model = model
         self.dequantized = {name: quantize_roundtrip(model.get_submodule(name).weight.detach()) for name in report.table["module"]}
 
-    def with_plan(self, plan: dq.Plan):
-        return _Swap(self.model, {n: w for n, w in self.dequantized.items() if n not in plan.keep})
+    @contextlib.contextmanager
+    def with_plan(self, plan: dq.Plan) -> Iterator[Any]:
+        with swapped(self.model, {n: w for n, w in self.dequantized.items() if n not in plan.keep}):
+            yield self.model
 
-
-class _Swap:
-    def __init__(self, model, weights) -> None:
-        self.model, self.context = model, swapped(model, weights)
-
-    def __enter__(self):
-        self.context.__enter__()
-        return self.model
-
-    def __exit__(self, *exc):
-        return self.context.__exit__(*exc)
 
 BUDGETS = (0.05, 0.10, 0.20)
 
 
-def leave_one_in_gains(report: QuantReport, switch: Switchable, heldout: HeldOut, kl_nf4: float) -> dict[str, float]:
+def leave_one_in_gains(report: QuantReport, switch: FakeQuant, heldout: HeldOut, kl_nf4: float) -> dict[str, float]:
     """Held-out KL drop of putting each module alone back to 16-bit (all others NF4)."""
     base = dq.plan(report, 0.0)
     gains = {}

@@ -10,9 +10,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -324,14 +325,21 @@ def _device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return weight.device, floating
 
 
-def _forward_logits(model: nn.Module, inputs: dict[str, Any], index: int) -> torch.Tensor:
+@contextlib.contextmanager
+def sample_errors(index: int) -> Iterator[None]:
+    """Turn the model's own failure on calibration sample ``index`` into an :class:`AnalysisError` that says what to check."""
     try:
-        return model(**inputs, use_cache=False).logits[0]
+        yield
     except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
         raise AnalysisError(
             f"The model failed on calibration sample {index} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
             "Check that the processor belongs to this model (load both with dq.load) and that the sample fits it."
         ) from exc
+
+
+def _forward_logits(model: nn.Module, inputs: dict[str, Any], index: int) -> torch.Tensor:
+    with sample_errors(index):
+        return model(**inputs, use_cache=False).logits[0]
 
 
 def _calibration_pass(

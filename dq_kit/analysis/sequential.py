@@ -197,16 +197,10 @@ def _recording(layout: _Layout) -> Iterator[list[tuple[int, torch.Tensor, tuple,
 
 def _record(layout: _Layout, inputs: dict[str, Any], index: int, grad: bool) -> _Trace:
     """Run the model's forward up to the final norm on one sample and return what reached the layers."""
-    with _recording(layout) as calls, torch.set_grad_enabled(grad):
-        try:
-            layout.model(**inputs, use_cache=False)
-        except _Stop:
-            pass
-        except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
-            raise AnalysisError(
-                f"The model failed on calibration sample {index} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
-                "Check that the processor belongs to this model and that the sample fits it."
-            ) from exc
+    from . import sample_errors
+
+    with _recording(layout) as calls, torch.set_grad_enabled(grad), sample_errors(index), contextlib.suppress(_Stop):
+        layout.model(**inputs, use_cache=False)
     if not calls:
         raise AnalysisError(f"No decoder layer of {type(layout.model).__name__} ran on calibration sample {index}.")
     order = [call[0] for call in calls]
