@@ -25,7 +25,7 @@ import transformers
 
 import dq_kit as dq
 from dq_kit.analysis import analyze
-from dq_kit.calibration import default_calibration
+from dq_kit.data.calibration import default_calibration
 
 RESULTS = Path(__file__).parent / "results"
 TRAIN_SECONDS = 90

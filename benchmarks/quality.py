@@ -3,7 +3,7 @@
 For each model, on held-out samples never used for calibration, and at matched extra-memory budgets
 over uniform NF4 (0, 2.5, 5, 10, 15, 20, 30%), the benchmark compares:
 
-* **dq_kit plan (refined)** -- ``dq.analyze`` (Fisher) then :func:`dq_kit.refine.refine_plan`
+* **dq_kit plan (refined)** -- ``dq.analyze`` (Fisher) then :func:`dq_kit.planning.refine.refine_plan`
   (in-context measured checks and lazy greedy on *calibration* KL, checked against the report-only plan);
 * **dq_kit plan (Fisher only)** -- ``dq.plan(report, budget)``, the exact knapsack on Fisher sensitivity;
 * **weight error** -- the same exact knapsack on ``weight_error x numel`` (value per byte = the plain
@@ -46,11 +46,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 import dq_kit as dq
-from dq_kit import planner, registry
-from dq_kit.analysis import QuantReport, analyze, model_inputs
-from dq_kit.calibration import default_calibration, prepare_calibration
-from dq_kit.refine import Refiner
-from dq_kit.style import COLORS
+from dq_kit.analysis import QuantReport, analyze
+from dq_kit.analysis.common import model_inputs
+from dq_kit.data.calibration import default_calibration, prepare_calibration
+from dq_kit.models import registry
+from dq_kit.planning.refine import Refiner
+from dq_kit.planning.report_plan import candidate_items
+from dq_kit.viz.style import COLORS
 
 RESULTS = Path(__file__).parent / "results"
 CACHE = Path(__file__).parent / ".cache" / "reports"
@@ -102,7 +104,7 @@ def load_smollm2(quick: bool) -> dict[str, Any]:
 def load_demo(quick: bool) -> dict[str, Any]:
     from prepare_models import DEMO_DIR
 
-    from dq_kit.shapes import shapes_dataset
+    from dq_kit.data.shapes import shapes_dataset
 
     model, processor = dq.load(DEMO_DIR, quant="16bit")
     model = model.float().eval()
@@ -116,7 +118,7 @@ def load_demo(quick: bool) -> dict[str, Any]:
         "calibration": _rows(shapes_dataset(n, seed=101, task="mixed", test_size=None)),
         "heldout": _rows(shapes_dataset(n, seed=202, task="mixed", test_size=None)),
         "refine_samples": n,
-        "note": f"dq_kit.demo_model.train_demo_model, {info['steps']} steps, held-out exact match {info['exact_match']:.2f}; "
+        "note": f"dq_kit.demo.model.train_demo_model, {info['steps']} steps, held-out exact match {info['exact_match']:.2f}; "
         "calibration and held-out are synthetic shapes questions (task 'mixed') drawn with different seeds",
     }
 
@@ -206,7 +208,7 @@ class Switchable:
 
 def random_plan(report, budget: float, seed: int) -> dq.Plan:
     rows = report.table.rename(columns={"module": "name"}).set_index("name")
-    items = planner._items(rows.assign(one=1.0), list(rows.index), "one", True)
+    items = candidate_items(rows.assign(one=1.0), list(rows.index), "one", True)
     random.Random(seed).shuffle(items)
     room = int(budget * report.meta["bytes_4bit"])
     keep = []
@@ -214,7 +216,7 @@ def random_plan(report, budget: float, seed: int) -> dq.Plan:
         if item.cost <= room:
             keep.extend(item.names)
             room -= item.cost
-    base = planner.plan(report, 0.0)
+    base = dq.plan(report, 0.0)
     return dq.Plan(keep=tuple(keep), fixed=base.fixed, model_type=base.model_type, family=base.family, source=f"random:{seed}")
 
 
@@ -377,7 +379,7 @@ def write_markdown(results: list[dict[str, Any]], budgets, seeds: int, label: st
         ),
         "",
         (
-            "Strategies: **refined** = `dq.analyze` (Fisher) + `dq_kit.refine.refine_plan` (measured in-context checks and "
+            "Strategies: **refined** = `dq.analyze` (Fisher) + `dq_kit.planning.refine.refine_plan` (measured in-context checks and "
             "lazy greedy on calibration KL, modules chosen one by one, `fuse=False`); **Fisher only** = "
             "`dq.plan(report, budget, fuse=False)`; **Fisher, fused** = `dq.plan(report, budget)` (today's default: q/k/v and "
             "gate/up share one decision); **weight error** = exact knapsack on weight_error x numel (`fuse=False`); "
@@ -454,7 +456,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dq_kit.style import PANEL_HEIGHT, PANEL_WIDTH, rc
+    from dq_kit.viz.style import PANEL_HEIGHT, PANEL_WIDTH, rc
 
     with matplotlib.rc_context(rc()):
         fig, ax = plt.subplots(figsize=(PANEL_WIDTH * 1.3, PANEL_HEIGHT * 1.2))

@@ -64,9 +64,9 @@ def build(kind: str, path: Path) -> int:
 def child(mode: str, path: str, out: str) -> None:
     import dq_kit as dq
     from dq_kit.analysis import analyze
-    from dq_kit.calibration import prepare_calibration
-    from dq_kit.loading import load_processor
-    from dq_kit.modeling import resolve_config
+    from dq_kit.data.calibration import prepare_calibration
+    from dq_kit.models.resolution import resolve_config
+    from dq_kit.quant.loading import load_processor
 
     config = resolve_config(path)
     vision = getattr(config, "vision_config", None) is not None

@@ -30,7 +30,7 @@ def run_variant(variant: str, model_path: str, steps: int, batch_size: int) -> d
     import torch
 
     import dq_kit as dq
-    from dq_kit.memory import loaded_bytes
+    from dq_kit.quant.memory import loaded_bytes
 
     model, processor = dq.load(model_path, quant=variant)
     footprint = loaded_bytes(model)
@@ -74,7 +74,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)  # internal: one subprocess
     args = parser.parse_args()
     if args.model is None:
-        from dq_kit.demo_model import demo_model_path
+        from dq_kit.demo.model import demo_model_path
 
         args.model = str(demo_model_path())
     if args.variant:

@@ -25,7 +25,7 @@ from .errors import DQError
 
 def _read_calibration(path: str) -> list[Any]:
     """Samples from a JSON list or a JSONL file (strings, chat samples or model-input dicts)."""
-    from .calibration import CalibrationError
+    from .errors import CalibrationError
 
     file = Path(path)
     if not file.is_file():
@@ -43,15 +43,15 @@ def _read_calibration(path: str) -> list[Any]:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
-    from .analysis import analyze
+    from .analysis.run import analyze
 
     calibration = _read_calibration(args.calib) if args.calib else None
     base_dir = os.path.dirname(os.path.abspath(args.calib)) if args.calib else None
     if calibration is None and args.n_calib is not None:
-        from .calibration import default_calibration
-        from .modeling import auto_class, resolve_config
-
         from transformers import AutoModelForImageTextToText
+
+        from .data.calibration import default_calibration
+        from .models.resolution import auto_class, resolve_config
 
         vlm = auto_class(resolve_config(args.model)) is AutoModelForImageTextToText
         calibration = default_calibration(n=args.n_calib, images=vlm)
@@ -105,8 +105,8 @@ def _add_analyze(subparsers: Any) -> None:
 
 
 def _run_plan(args: argparse.Namespace) -> int:
-    from .analysis import QuantReport
-    from .planner import plan, predicted_kl
+    from .analysis.report import QuantReport
+    from .planning import plan, predicted_kl
 
     report = QuantReport.load(args.report)
     chosen = plan(
@@ -145,8 +145,8 @@ def _add_plan(subparsers: Any) -> None:
 
 
 def _run_memory(args: argparse.Namespace) -> int:
-    from .memory import estimate_memory
-    from .plans import Plan
+    from .quant.memory import estimate_memory
+    from .quant.plan import Plan
 
     print(estimate_memory(args.model, Plan.load(args.plan) if args.plan else None))
     return 0

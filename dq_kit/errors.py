@@ -26,3 +26,15 @@ class PlanError(DQError, ValueError):
 
 class VerificationError(DQError):
     """A loaded model does not match its plan: modules quantized that should not be, or the reverse."""
+
+
+class AnalysisError(DQError, ValueError):
+    """The analysis cannot run on this input, or a saved report is missing or corrupt."""
+
+
+class CalibrationError(DQError, ValueError):
+    """Calibration data is empty, malformed, or does not fit the model/processor."""
+
+
+class DataError(DQError, ValueError):
+    """A dataset cannot be used for training as it is: wrong columns, or rows that would fail mid-epoch."""

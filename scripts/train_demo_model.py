@@ -1,7 +1,7 @@
-"""Train the demo VLM shipped inside dq_kit (dq_kit/assets/demo_model) from scratch on 2 CPU cores.
+"""Train the demo VLM shipped inside dq_kit (dq_kit/demo/assets/demo_model) from scratch on 2 CPU cores.
 
 Usage:
-    python scripts/train_demo_model.py [--steps 1500] [--out dq_kit/assets/demo_model]
+    python scripts/train_demo_model.py [--steps 1500] [--out dq_kit/demo/assets/demo_model]
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from dq_kit.demo_model import train_demo_model
+from dq_kit.demo.model import train_demo_model
 
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "dq_kit" / "assets" / "demo_model"
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import dq_kit as dq
-from dq_kit.calibration import CalibrationError, default_calibration, image_token_ids, prepare_calibration
+from dq_kit.data.calibration import default_calibration, image_token_ids, prepare_calibration
+from dq_kit.errors import CalibrationError
 
 
 def test_default_calibration_is_deterministic_and_varied():

@@ -10,9 +10,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import dq_kit as dq
-from dq_kit.checkpoint import PLAN_FILE, plan_from_checkpoint, prequantized_config, save
-from dq_kit.quantize import quantize
-from dq_kit.verification import is_quantized
+from dq_kit.quant.checkpoint import PLAN_FILE, plan_from_checkpoint, prequantized_config, save
+from dq_kit.quant.quantization import quantize
+from dq_kit.quant.verification import is_quantized
 
 # Reloads the folder with plain transformers + bitsandbytes in a fresh interpreter (dq_kit never imported).
 RELOAD = textwrap.dedent(
@@ -89,7 +89,7 @@ def test_saved_checkpoint_reloads_in_plain_transformers(dynamic_qwen, tmp_path):
 def test_dq_load_uses_the_saved_plan(dynamic_qwen, tmp_path):
     model, processor, plan, inputs = dynamic_qwen
     path = save(model, tmp_path / "ckpt", processor=processor)
-    # Needs the dq_kit/loading.py integration of dq_kit.checkpoint (plan_from_checkpoint / prequantized_config).
+    # Needs the dq_kit/quant/loading.py integration of dq_kit.quant.checkpoint (plan_from_checkpoint / prequantized_config).
     loaded, _ = dq.load(path)
     assert loaded.dq_plan == plan
     assert unquantized(loaded) == plan.skip_modules
@@ -106,7 +106,7 @@ def test_16bit_model_saved_with_a_plan_loads_dynamic(tiny_path, tmp_path):
     path = save(model, tmp_path / "ckpt16", plan=plan, processor=processor)
     assert "quantization_config" not in json.loads((path / "config.json").read_text())
     assert "quantizes them with `dq_plan.json` on load" in (path / "README.md").read_text()
-    # Needs the dq_kit/loading.py integration of dq_kit.checkpoint.
+    # Needs the dq_kit/quant/loading.py integration of dq_kit.quant.checkpoint.
     loaded, _ = dq.load(path, processor=False)
     assert loaded.dq_plan == plan and unquantized(loaded) == plan.skip_modules
 
@@ -123,7 +123,7 @@ def test_published_substring_skip_list_loads_as_intended(tiny_path, tmp_path):
     (path / "config.json").write_text(json.dumps(config))
     (path / PLAN_FILE).unlink()
 
-    # Needs the dq_kit/loading.py integration of dq_kit.checkpoint.
+    # Needs the dq_kit/quant/loading.py integration of dq_kit.quant.checkpoint.
     with pytest.warns(UserWarning, match="substrings"):
         loaded, _ = dq.load(path, processor=False)
     expected = sorted(["lm_head"] + [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and ".visual." in n])

@@ -4,9 +4,9 @@ import math
 import pytest
 
 import dq_kit as dq
-from dq_kit.chat import encode_answer
-from dq_kit.compare import ComparisonResult, compare
-from dq_kit.quantize import quantize
+from dq_kit.data.chat import encode_answer
+from dq_kit.evaluation.compare import ComparisonResult, compare
+from dq_kit.quant.quantization import quantize
 
 
 def sample(seed, question, answer):

@@ -6,7 +6,7 @@ from datasets import Dataset
 
 import dq_kit as dq
 from dq_kit import data
-from dq_kit.shapes import COLOURS, POSITIONS, SHAPES, shapes_dataset
+from dq_kit.data.shapes import COLOURS, POSITIONS, SHAPES, shapes_dataset
 
 
 def test_shapes_dataset_is_seeded_split_and_in_trl_format():
@@ -37,7 +37,7 @@ def test_shapes_tasks(task):
 
 
 def test_colour_is_visible_in_the_pixels():
-    row = dq.shapes.shapes_example(7, task="colour")
+    row = dq.data.shapes_example(7, task="colour")
     colours = {colour for _, colour in row["images"][0].getcolors(56 * 56)}
     assert COLOURS[row["answer"]] in colours
 
@@ -117,7 +117,7 @@ def test_messages_format_with_string_contents():
 
 def test_placeholder_count_mismatch_is_caught():
     image = dq.tiny.tiny_image(0)
-    row = dq.shapes.shapes_example(0)
+    row = dq.data.shapes_example(0)
     raw = Dataset.from_list([{"messages": row["messages"], "images": [image, image]}])
     assert "2 image(s)" in data.check(raw).problems[0].reason
 

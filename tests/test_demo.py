@@ -4,8 +4,8 @@ version teaches it a new skill (naming the colour alone)."""
 from __future__ import annotations
 
 import dq_kit as dq
-from dq_kit.demo import teach_skill
-from dq_kit.demo_model import demo_model_path
+from dq_kit.demo.model import demo_model_path
+from dq_kit.demo.pipeline import teach_skill
 
 
 def test_shipped_demo_model_captions_held_out_images():

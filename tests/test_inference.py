@@ -4,8 +4,9 @@ import pandas as pd
 import pytest
 
 import dq_kit as dq
-from dq_kit.inference import AnswerScores, evaluate_answers, generate, normalize_answer, token_f1
-from dq_kit.shapes import shapes_dataset
+from dq_kit.data.shapes import shapes_dataset
+from dq_kit.evaluation.generation import generate
+from dq_kit.evaluation.scores import AnswerScores, evaluate_answers, normalize_answer, token_f1
 
 
 @pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama"])

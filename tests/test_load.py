@@ -5,8 +5,8 @@ import torch
 from torch import nn
 
 import dq_kit as dq
-from dq_kit import registry
-from dq_kit.verification import is_quantized
+from dq_kit.models import registry
+from dq_kit.quant.verification import is_quantized
 
 ALL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
 
@@ -61,7 +61,7 @@ def test_tiny_mllama_dynamic_keeps_exactly_later_cross_attention_o_proj(tiny_pat
 def test_inspect_bytes_match_the_nf4_formula(tiny_path):
     model, _ = dq.load(tiny_path("llama"), quant="4bit", processor=False)
     table = dq.inspect(model).set_index("name")
-    from dq_kit.memory import nf4_weight_bytes
+    from dq_kit.quant.memory import nf4_weight_bytes
 
     for name, module in model.named_modules():
         if is_quantized(module):
@@ -155,12 +155,12 @@ def test_bad_quant_and_plan_combination(tiny_path):
 
 def test_trust_remote_code_is_off_by_default(tiny_path, monkeypatch):
     seen = {}
-    original = dq.loading.AutoTokenizer.from_pretrained
+    original = dq.quant.loading.AutoTokenizer.from_pretrained
 
     def spy(*args, **kwargs):
         seen.update(kwargs)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(dq.loading.AutoTokenizer, "from_pretrained", spy)
+    monkeypatch.setattr(dq.quant.loading.AutoTokenizer, "from_pretrained", spy)
     _, tokenizer = dq.load(tiny_path("llama"), quant="16bit")
     assert seen["trust_remote_code"] is False and tokenizer is not None

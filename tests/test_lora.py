@@ -9,10 +9,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import dq_kit as dq
-from dq_kit.export import merge_to_16bit, requantize, save_adapter
-from dq_kit.inference import generate
-from dq_kit.lora import add_lora, lora_targets
-from dq_kit.verification import is_quantized
+from dq_kit.evaluation.generation import generate
+from dq_kit.quant.verification import is_quantized
+from dq_kit.training.export import merge_to_16bit, requantize, save_adapter
+from dq_kit.training.lora import add_lora, lora_targets
 
 ALL_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
 

@@ -1,7 +1,8 @@
 import pytest
 
 import dq_kit as dq
-from dq_kit.memory import GIB, nf4_weight_bytes
+from dq_kit.quant.memory import nf4_weight_bytes
+from dq_kit.units import GIB
 
 # Published sizes (GiB) of the 16-bit and all-Linear NF4 uploads (Unsloth dynamic 4-bit, Dec 2024).
 PUBLISHED = {
@@ -57,7 +58,7 @@ def test_estimate_of_a_local_tiny_model_matches_the_loaded_model(tiny_path):
     table = dq.inspect(model)
     quantized_bytes = int(table[table.quantized].bytes.sum())
     skeleton = dq.modeling.meta_model(dq.modeling.resolve_config(path))
-    from dq_kit.memory import footprint_bytes
+    from dq_kit.quant.memory import footprint_bytes
 
     names = set(table[table.quantized].name)
     predicted_quantized = footprint_bytes(skeleton, names) - footprint_bytes(skeleton, set()) + 2 * int(

@@ -4,7 +4,7 @@ import pytest
 from transformers.quantizers.quantizers_utils import should_convert_module
 
 import dq_kit as dq
-from dq_kit import registry
+from dq_kit.models import registry
 
 
 @pytest.fixture(scope="module")

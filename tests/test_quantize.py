@@ -3,8 +3,8 @@ import torch
 from torch import nn
 
 import dq_kit as dq
-from dq_kit.quantize import quantize
-from dq_kit.verification import is_quantized
+from dq_kit.quant.quantization import quantize
+from dq_kit.quant.verification import is_quantized
 
 
 def unquantized(model):
@@ -94,7 +94,7 @@ def test_refuses_overrides_naming_absent_modules():
 
 
 def test_refuses_meta_device_models():
-    from dq_kit.modeling import meta_model
+    from dq_kit.models.resolution import meta_model
 
     model = meta_model(dq.tiny.tiny_config("llama"))
     with pytest.raises(dq.DQError, match="meta device"):

@@ -1,4 +1,4 @@
-"""dq_kit.refine: measured plans are never worse than the report-only plan on calibration KL."""
+"""dq_kit.planning.refine: measured plans are never worse than the report-only plan on calibration KL."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 import dq_kit as dq
 from dq_kit.analysis import analyze
-from dq_kit.calibration import default_calibration
-from dq_kit.refine import Refiner, refine_plan
+from dq_kit.data.calibration import default_calibration
+from dq_kit.planning.refine import Refiner, refine_plan
 
 
 @pytest.fixture(scope="module")

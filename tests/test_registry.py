@@ -3,7 +3,7 @@ import warnings
 import pytest
 
 import dq_kit as dq
-from dq_kit import registry
+from dq_kit.models import registry
 
 
 def groups(model):

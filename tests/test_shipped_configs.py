@@ -1,4 +1,4 @@
-"""The configs shipped in ``dq_kit/configs`` build the published model sizes.
+"""The configs shipped in ``dq_kit/models/configs`` build the published model sizes.
 
 Each JSON is the hub ``config.json`` (hyper-parameters only). The test loads it the way dq_kit does
 (``AutoConfig.for_model`` and ``CONFIG_MAPPING[...].from_dict``), builds the model skeleton on the meta
@@ -14,7 +14,7 @@ import pytest
 import torch
 import transformers
 
-CONFIG_DIR = Path(__file__).resolve().parents[1] / "dq_kit" / "configs"
+CONFIG_DIR = Path(__file__).resolve().parents[1] / "dq_kit" / "models" / "configs"
 CONFIG_PATHS = sorted(CONFIG_DIR.glob("*--*.json"))
 
 # Published total parameter counts (tied weights counted once). The figures are the hub's

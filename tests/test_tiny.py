@@ -1,4 +1,4 @@
-"""Tests for dq_kit.tiny: tiny offline models and processors round-trip through the Auto classes."""
+"""Tests for dq_kit.synthetic.tiny: tiny offline models and processors round-trip through the Auto classes."""
 
 from __future__ import annotations
 
@@ -6,15 +6,7 @@ import pytest
 import torch
 import transformers
 
-from dq_kit.tiny import (
-    FAMILIES,
-    build_tiny_model,
-    save_tiny,
-    tiny_chat_inputs,
-    tiny_config,
-    tiny_image,
-    tiny_processor,
-)
+from dq_kit.synthetic.tiny import FAMILIES, build_tiny_model, save_tiny, tiny_chat_inputs, tiny_config, tiny_image, tiny_processor
 
 VLMS = tuple(family for family in FAMILIES if family != "llama")
 MODEL_CLASS = {

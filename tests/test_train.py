@@ -5,9 +5,9 @@ import torch
 from transformers import TrainerCallback
 
 import dq_kit as dq
-from dq_kit.lora import add_lora
-from dq_kit.shapes import shapes_dataset
-from dq_kit.train import last_checkpoint, sft_trainer
+from dq_kit.data.shapes import shapes_dataset
+from dq_kit.training.lora import add_lora
+from dq_kit.training.sft import last_checkpoint, sft_trainer
 
 FAST = {"per_device_train_batch_size": 2, "logging_steps": 1, "disable_tqdm": True, "activation_checkpointing": False}
 
@@ -102,7 +102,7 @@ def test_interrupted_training_resumes_to_the_same_result(tiny_path, tmp_path, sh
 
 def test_lora_on_4bit_model_learns_a_task(tiny_path, tmp_path):
     """Held-out answer-token loss and exact match before and after a short LoRA fine-tune of a 4-bit model."""
-    from dq_kit.inference import evaluate_answers
+    from dq_kit.evaluation.scores import evaluate_answers
 
     splits = shapes_dataset(200, seed=7, task="colour", test_size=24)
     model, processor = dq.load(tiny_path("qwen2_vl"), quant="dynamic")

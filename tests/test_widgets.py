@@ -9,11 +9,12 @@ import pytest
 import torch
 
 import dq_kit as dq
-from dq_kit.analysis import AnalysisError, QuantReport, analyze
-from dq_kit.calibration import default_calibration
-from dq_kit.compare import ComparisonResult
-from dq_kit.plots_selection import KEPT_GID, kept_count, selection_figure
-from dq_kit.style import COLORS
+from dq_kit.analysis import QuantReport, analyze
+from dq_kit.data.calibration import default_calibration
+from dq_kit.errors import AnalysisError
+from dq_kit.evaluation.compare import ComparisonResult
+from dq_kit.viz.selection import KEPT_GID, kept_count, selection_figure
+from dq_kit.viz.style import COLORS
 from dq_kit.widgets import CompareView, LayerSelector, LiveLossCallback
 
 

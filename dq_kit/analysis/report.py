@@ -18,8 +18,9 @@ from typing import Any
 
 import pandas as pd
 
-from .._io import read_json, write_json
-from ..errors import DQError
+from ..errors import AnalysisError
+from ..files import read_json, write_json
+from ..quant.memory import nf4_weight_bytes
 
 REPORT_FORMAT = "dq_kit.quant_report"
 REPORT_VERSION = 1
@@ -27,10 +28,6 @@ ID_COLUMNS = ("module", "tower", "group", "layer", "numel", "bytes_16bit", "byte
 BLOCK_COLUMNS = ("block", "tower", "layer", "act_local_error", "act_accum_error", "nonfinite_samples")
 # Which metric ranks modules by default, best first.
 _RANKING = ("sensitivity", "sensitivity_loo", "act_accum_error", "act_local_error", "weight_error")
-
-
-class AnalysisError(DQError, ValueError):
-    """The analysis cannot run on this input, or a saved report is missing or corrupt."""
 
 
 class QuantReport:
@@ -112,7 +109,7 @@ class QuantReport:
             >>> [f.axes[0].get_ylabel() for f in QuantReport(t).plot()]
             ['relative RMS weight error (%)']
         """
-        from ..plots import report_figures
+        from ..viz.figures import report_figures
 
         return report_figures(self, top=top)
 
@@ -229,7 +226,7 @@ def build_report(
     """Assemble a :class:`QuantReport` from per-module measurements (used by both analysis modes).
 
     Args:
-        infos: :class:`dq_kit.registry.ModuleInfo` of every quantizable Linear, in model order.
+        infos: :class:`dq_kit.models.registry.ModuleInfo` of every quantizable Linear, in model order.
         weights: ``{module: weight metrics}``.
         activations: ``{"modules": {module: metrics}, "blocks": {block: metrics}}`` or ``None``.
         sensitivities: ``{column name: {module: nats}}`` (``sensitivity``, ``sensitivity_loo``).
@@ -238,8 +235,6 @@ def build_report(
         meta: report metadata.
         double_quant: whether ``bytes_nf4`` counts double-quantized scales.
     """
-    from ..memory import nf4_weight_bytes
-
     rows = []
     for info in infos:
         row: dict[str, Any] = {

@@ -49,10 +49,24 @@ from accelerate.utils import set_module_tensor_to_device
 from torch import nn
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..modeling import default_dtype, looks_like_path, meta_model, resolve_config
+from ..errors import AnalysisError
+from ..models.resolution import default_dtype, looks_like_path, meta_model, resolve_config
+from ..progress import progress_bar
+from ..quant.loading import load_processor
 from .activations import ActivationProbe, block_names, first_tensor, swapped
-from .checkpoint_reader import Checkpoint
-from .report import AnalysisError, QuantReport, build_report
+from .common import (
+    base_meta,
+    finite_rows,
+    kl_meta,
+    measure_weight,
+    model_inputs,
+    prepare_samples,
+    quantizable_modules,
+    sample_errors,
+    tower_and_layer_of_blocks,
+)
+from .report import QuantReport, build_report
+from .safetensors_reader import Checkpoint
 from .sensitivity import FisherAccumulator, kl_sum, sample_labels, top1_agreement
 
 __all__ = ["analyze_sequential"]
@@ -197,8 +211,6 @@ def _recording(layout: _Layout) -> Iterator[list[tuple[int, torch.Tensor, tuple,
 
 def _record(layout: _Layout, inputs: dict[str, Any], index: int, grad: bool) -> _Trace:
     """Run the model's forward up to the final norm on one sample and return what reached the layers."""
-    from . import sample_errors
-
     with _recording(layout) as calls, torch.set_grad_enabled(grad), sample_errors(index), contextlib.suppress(_Stop):
         layout.model(**inputs, use_cache=False)
     if not calls:
@@ -268,8 +280,6 @@ def analyze_sequential(
     base_dir: str | os.PathLike | None,
 ) -> QuantReport:
     """Block-at-a-time :func:`dq_kit.analyze` of a checkpoint folder or hub id (see the module docstring)."""
-    from . import _prepare
-
     started = time.perf_counter()
     if isinstance(model, nn.Module):
         raise AnalysisError(
@@ -281,11 +291,9 @@ def analyze_sequential(
     path = _checkpoint_folder(model)
     run = _Run(path, metrics, {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}, seed, progress)
     if processor is None:
-        from ..loading import load_processor
-
         processor = load_processor(path, run.config)
     need_forward = bool({"activation", "sensitivity"} & set(metrics))
-    samples = _prepare(calibration, processor, run.config, max_length, base_dir) if need_forward else []
+    samples = prepare_samples(calibration, processor, run.config, max_length, base_dir) if need_forward else []
     traces16, tracesq = run.front(samples)
     h16, hq, saved_inputs = run.layers(samples, traces16, tracesq)
     if need_forward:
@@ -301,8 +309,6 @@ class _Run:
     """One sequential analysis: the front, then the layers one by one, the head, and back for the Fisher."""
 
     def __init__(self, path: Path, metrics: Sequence[str], settings: dict[str, Any], seed: int, progress: bool) -> None:
-        from . import quantizable_modules
-
         self.config = resolve_config(path)
         self.skeleton = meta_model(self.config, buffers=True).eval()
         self.layout = _Layout.of(self.skeleton)
@@ -338,8 +344,6 @@ class _Run:
         self.timings[key] = time.perf_counter() - tick
 
     def _measure(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        from . import measure_weight
-
         deq, row, problem = measure_weight(weight, **self.settings)
         self.weights[name] = row
         if problem:
@@ -351,8 +355,6 @@ class _Run:
 
     def front(self, samples: list[Any]) -> tuple[list[_Trace], list[_Trace]]:
         """Read the front; per sample, record what reaches the layers with 16-bit and with 4-bit front weights."""
-        from . import _bar, model_inputs
-
         self.samples = samples
         traces16: list[_Trace] = []
         tracesq: list[_Trace] = []
@@ -366,7 +368,7 @@ class _Run:
                     front.get_submodule(name).weight.requires_grad_(self.track_front)
                 probe = ActivationProbe(front, self.front_deq, self.front_blocks if self.local else {}, local=self.local)
                 with probe:
-                    for index, sample in enumerate(_bar(samples, self.progress, "Sequential: front (embeddings, vision)")):
+                    for index, sample in enumerate(progress_bar(samples, self.progress, "Sequential: front (embeddings, vision)")):
                         inputs = model_inputs(sample, self.device, self.dtype)
                         probe.new_sample()
                         probe.mode = self._mode("reference")
@@ -383,13 +385,11 @@ class _Run:
 
     def layers(self, samples: list[Any], traces16: list[_Trace], tracesq: list[_Trace]) -> tuple[list, list, list]:
         """Each layer once, in order: weight metrics, then the 16-bit and the 4-bit stream through it."""
-        from . import _bar
-
         h16 = [trace.hidden for trace in traces16]
         hq = [trace.hidden for trace in tracesq]
         saved_inputs: list[list[torch.Tensor]] = []
         with self._timed("layers_s"):
-            for position, layer_name in enumerate(_bar(self.layout.layer_names, self.progress, "Sequential: layers")):
+            for position, layer_name in enumerate(progress_bar(self.layout.layer_names, self.progress, "Sequential: layers")):
                 layer = self.io.load(layer_name)
                 relative = {_relative(name, layer_name): self._measure(name, self.skeleton.get_submodule(name).weight)
                             for name in self.layer_linears[layer_name]}
@@ -419,19 +419,17 @@ class _Run:
 
     def head(self, samples: list[Any], h16: list[torch.Tensor], hq: list[torch.Tensor]) -> list[torch.Tensor]:
         """KL and top-1 of the 4-bit stream against the 16-bit one; the loss gradient at the last layer's output."""
-        from . import _bar, _finite_rows
-
         grads: list[torch.Tensor] = []
         with self._timed("head_s"):
             norm = self.io.load(self.layout.norm_name)
             head = self.io.load(self.layout.head_name)
             generator = torch.Generator().manual_seed(self.seed)
-            for index, sample in enumerate(_bar(samples, self.progress, "Sequential: output head")):
+            for index, sample in enumerate(progress_bar(samples, self.progress, "Sequential: output head")):
                 mask = sample.score_mask.to(self.device)
                 hidden = h16[index].detach().requires_grad_(self.fisher)
                 with torch.set_grad_enabled(self.fisher):
                     logits = head(norm(hidden))[0][mask].float()
-                    finite = _finite_rows(logits.detach())
+                    finite = finite_rows(logits.detach())
                     logits = logits[finite]
                     ref_logp = torch.log_softmax(logits.detach(), dim=-1)
                     if self.fisher:
@@ -451,11 +449,9 @@ class _Run:
 
     def fisher_layers(self, samples: list[Any], traces16: list[_Trace], saved_inputs: list, grads: list) -> list[torch.Tensor]:
         """Back through the layers in reverse, one at a time; returns the gradient at the first layer's input."""
-        from . import _bar, measure_weight
-
         names = self.layout.layer_names
         with self._timed("fisher_layers_s"):
-            for position in _bar(range(len(names) - 1, -1, -1), self.progress, "Sequential: Fisher backward", total=len(names)):
+            for position in progress_bar(range(len(names) - 1, -1, -1), self.progress, "Sequential: Fisher backward", total=len(names)):
                 layer = self.io.load(names[position])
                 for param in layer.parameters():
                     param.requires_grad_(False)
@@ -478,14 +474,12 @@ class _Run:
 
     def fisher_front(self, samples: list[Any], traces16: list[_Trace], grads: list[torch.Tensor]) -> None:
         """Replay the front with gradients and push in what reached the layers' inputs (image embeddings, cross-attention states)."""
-        from . import _bar, model_inputs
-
         if not self.track_front:
             return
         with self._timed("fisher_front_s"):
             front = self.skeleton
             fisher = FisherAccumulator({name: front.get_submodule(name).weight for name in self.front_names}, self.front_deq)
-            for index, sample in enumerate(_bar(samples, self.progress, "Sequential: Fisher backward, front")):
+            for index, sample in enumerate(progress_bar(samples, self.progress, "Sequential: Fisher backward, front")):
                 trace = _record(self.layout, model_inputs(sample, self.device, self.dtype), index, grad=True)
                 outputs = [trace.hidden] if trace.hidden.requires_grad else []
                 gradients = [grads[index]] if trace.hidden.requires_grad else []
@@ -500,18 +494,16 @@ class _Run:
             _Weights.free(front, only=self.layout.in_front)
 
     def report(self, estimator: str, started: float) -> QuantReport:
-        from . import _base_meta, _block_layers, _kl_meta
-
-        meta = _base_meta(self.skeleton, self.settings, self.metrics, estimator, sequential=True)
+        meta = base_meta(self.skeleton, self.settings, self.metrics, estimator, sequential=True)
         if self.samples:
-            meta.update(_kl_meta(self.samples, self.kl))
+            meta.update(kl_meta(self.samples, self.kl))
         weights = self.weights if "weight" in self.metrics else {}
         activations = {"modules": self.module_acts, "blocks": self.block_acts} if self.local else None
         sensitivities = {"sensitivity": self.scores} if self.fisher else {}
         self.timings["total_s"] = time.perf_counter() - started
         meta["timing"] = self.timings
         blocks = {**self.front_blocks, **{name: inside for name, inside in self.layer_linears.items() if inside}}
-        report = build_report(self.infos, weights, activations, sensitivities, self.issues, _block_layers(blocks, self.infos),
+        report = build_report(self.infos, weights, activations, sensitivities, self.issues, tower_and_layer_of_blocks(blocks, self.infos),
                               meta, self.settings["double_quant"])
         if sensitivities:
             report.meta["sensitivity_sum"] = float(report.table["sensitivity"].sum())

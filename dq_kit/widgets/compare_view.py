@@ -1,4 +1,4 @@
-"""``CompareView``: a :func:`dq_kit.compare` result as a notebook panel — sizes and KL per variant,
+"""``CompareView``: a :func:`dq_kit.evaluation.compare` result as a notebook panel — sizes and KL per variant,
 then each sample's image thumbnail and every variant's answer side by side, answers identical to the
 reference variant's marked ✓.
 
@@ -22,7 +22,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from ..errors import DQError
-from ._format import chip, image_data_uri, variant_color
+from .formatting import chip, image_data_uri, variant_color
 
 __all__ = ["CompareView"]
 
@@ -33,7 +33,7 @@ class CompareView(widgets.VBox):
     """The side-by-side view of a :class:`dq_kit.ComparisonResult`.
 
     Args:
-        result: what :func:`dq_kit.compare` returned.
+        result: what :func:`dq_kit.evaluation.compare` returned.
         samples: the samples passed to ``compare`` (same order), for image thumbnails; optional.
         thumbnail: thumbnail size in pixels.
 

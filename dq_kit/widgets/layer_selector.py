@@ -31,15 +31,17 @@ from typing import Any
 import ipywidgets as widgets
 import pandas as pd
 
-from ..analysis.report import AnalysisError
-from ..errors import DQError, PlanError
-from ..plans import Plan
-from ..planner import plan as make_plan
-from ..planner import predicted_kl
-from ..plots_selection import selection_figure
-from ..style import COLORS
-from ._format import chip, figure_png, human_bytes
-from ..memory import REPORT_META, report_memory
+from ..errors import AnalysisError, DQError, PlanError
+from ..planning.planner import plan as make_plan
+from ..planning.report_plan import predicted_kl
+from ..quant.loading import load
+from ..quant.memory import REPORT_META, loaded_bytes, report_memory
+from ..quant.plan import Plan
+from ..units import human_bytes
+from ..viz import figures
+from ..viz.selection import selection_figure
+from ..viz.style import COLORS
+from .formatting import chip, figure_png
 
 __all__ = ["REQUIRED_COLUMNS", "LayerSelector"]
 
@@ -176,9 +178,6 @@ class LayerSelector(widgets.VBox):
         """
         if self.model_ref is None:
             raise DQError("No model to load: create the selector with model_ref=<hub id or folder>.")
-        from ..loading import load
-        from ..memory import loaded_bytes
-
         self._say(f"Loading {html.escape(str(self.model_ref))} in dynamic 4-bit…")
         self.model, self.processor = load(self.model_ref, quant="dynamic", plan=self.plan)
         self._say(f"Loaded: {len(self.plan.keep)} module(s) in 16-bit, {human_bytes(loaded_bytes(self.model))} in memory "
@@ -369,13 +368,11 @@ def _threshold_slider(scores: Any) -> widgets.FloatLogSlider:
 
 
 def _error_png(report: Any, column: str) -> bytes:
-    """One of the report's own figures (dq_kit.plots) as PNG."""
+    """One of the report's own figures (dq_kit.viz.figures) as PNG."""
     import matplotlib.pyplot as plt
 
-    from .. import plots
-
-    draw = {"weight_error": plots.weight_error_figure, "act_accum_error": plots.activation_error_figure,
-            "sensitivity": plots.sensitivity_figure}[column]
+    draw = {"weight_error": figures.weight_error_figure, "act_accum_error": figures.activation_error_figure,
+            "sensitivity": figures.sensitivity_figure}[column]
     fig = draw(report)
     try:
         return figure_png(fig)

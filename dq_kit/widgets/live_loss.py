@@ -18,8 +18,8 @@ from typing import Any
 from matplotlib.figure import Figure
 from transformers import TrainerCallback
 
-from ..style import COLORS, rc
-from ._format import figure_png
+from ..viz.style import COLORS, rc
+from .formatting import figure_png
 
 __all__ = ["LiveLossCallback"]
 

@@ -1,0 +1,192 @@
+"""Pieces shared by the whole-model and the sequential analysis: options, quantizable modules, the
+weight round trip, calibration samples on the model's device, report metadata and error messages.
+
+Example:
+    >>> import dq_kit as dq
+    >>> len(quantizable_modules(dq.tiny.build_tiny_model("llama")))
+    14
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..data.calibration import CalibrationSample, default_calibration, image_token_ids, prepare_calibration
+from ..data.chat import has_image_processor
+from ..errors import AnalysisError
+from ..models import registry
+from ..quant.memory import footprint_bytes
+from ..quant.verification import is_quantized
+from ..version import __version__
+from .weights import quantize_roundtrip, weight_metrics
+
+METRICS = ("weight", "activation", "sensitivity")
+ESTIMATORS = ("fisher", "loo", "both")
+
+def quantizable_modules(model: nn.Module) -> list[registry.ModuleInfo]:
+    """Linear modules a 4-bit load quantizes (all but the output head); errors on 4-bit or empty models.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> len(quantizable_modules(dq.tiny.build_tiny_model("llama")))
+        14
+    """
+    heads = set(registry.output_head_names(model))
+    modules = dict(model.named_modules())
+    quantized = [name for name, module in modules.items() if isinstance(module, nn.Linear) and is_quantized(module)]
+    if quantized:
+        raise AnalysisError(
+            f"The model already has {len(quantized)} quantized layer(s) (e.g. {quantized[0]!r}); analyze needs the "
+            "16-bit model: load it with dq.load(path, quant='16bit')."
+        )
+    infos = [info for info in registry.linear_modules(model) if info.name not in heads]
+    if not infos:
+        raise AnalysisError(
+            f"The {type(model).__name__} model has no quantizable Linear layer (only the output head, or none at all): "
+            "there is nothing for 4-bit quantization to change."
+        )
+    return infos
+
+
+def measure_weight(
+    weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
+) -> tuple[torch.Tensor, dict[str, float], str | None]:
+    """4-bit round trip of one weight, its metrics, and a problem description if it is not finite.
+
+    A weight with NaN/inf values is reported (metrics NaN) and treated as unquantized downstream.
+
+    Example:
+        >>> deq, row, problem = measure_weight(torch.randn(64, 64), "nf4", 64, True)
+        >>> problem is None and row["weight_rel_error"] < 0.12
+        True
+    """
+    weight = weight.detach()
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        row = {column: float("nan") for column in ("weight_error", "weight_rel_error", "weight_max_abs_error",
+                                                    "weight_outlier_ratio", "weight_kurtosis")}
+        return weight, row, f"weight has {bad} non-finite value(s); left unquantized in the analysis"
+    deq = quantize_roundtrip(weight, quant_type, blocksize, double_quant)
+    return deq, weight_metrics(weight, deq), None
+
+
+def check_options(metrics: Sequence[str], quant_type: str, blocksize: int, estimator: str) -> tuple[str, ...]:
+    metrics = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise AnalysisError(f"Unknown metric(s) {unknown!r}; choose from {METRICS}.")
+    if quant_type not in ("nf4", "fp4"):
+        raise AnalysisError(f"quant_type must be 'nf4' or 'fp4', got {quant_type!r}.")
+    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise AnalysisError(f"blocksize must be a power of two from 32 to 4096 (bitsandbytes uses 64), got {blocksize!r}.")
+    if estimator not in ESTIMATORS:
+        raise AnalysisError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
+    return metrics
+
+
+def prepare_samples(calibration: Any, processor: Any, config: Any, max_length: int | None, base_dir: Any) -> list[CalibrationSample]:
+    check_fit(processor, config)
+    if calibration is None:
+        calibration = default_calibration(images=processor is not None and has_image_processor(processor))
+    return prepare_calibration(calibration, processor, config, base_dir=base_dir, max_length=max_length)
+
+
+def check_fit(processor: Any, config: Any) -> None:
+    """Refuse a processor that cannot belong to the model (image processor on a text model, other image token)."""
+    if processor is None or getattr(processor, "image_processor", None) is None:
+        return
+    if getattr(config, "vision_config", None) is None:
+        raise AnalysisError(
+            f"The processor ({type(processor).__name__}) handles images but the {config.model_type!r} model is text-only: "
+            "the processor does not belong to this model. Pass the model's tokenizer (dq.load returns the matching pair)."
+        )
+    wanted = {getattr(config, attr) for attr in ("image_token_id", "image_token_index") if isinstance(getattr(config, attr, None), int)}
+    if wanted and not wanted & image_token_ids(processor):
+        raise AnalysisError(
+            f"The processor's image token is not the model's (image token id {sorted(wanted)[0]}): the processor "
+            f"({type(processor).__name__}) does not belong to this {config.model_type!r} model."
+        )
+
+
+def finite_rows(ref_logp: torch.Tensor) -> torch.Tensor:
+    """Positions whose 16-bit distribution is finite (non-finite ones are counted, not scored)."""
+    return torch.isfinite(ref_logp).all(dim=-1)
+
+
+def base_meta(model: Any, settings: dict[str, Any], metrics: Sequence[str], estimator: str, *, sequential: bool) -> dict[str, Any]:
+    config = model.config
+    heads = registry.output_head_names(model)
+    quantizable = {info.name for info in registry.linear_modules(model)} - set(heads)
+    return {
+        "model_type": config.model_type,
+        "family": registry.family_of(config).name,
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "output_heads": heads,
+        "bytes_16bit": footprint_bytes(model, set()),
+        "bytes_4bit": footprint_bytes(model, quantizable, double_quant=settings.get("double_quant", True)),
+        **settings,
+        "metrics": list(metrics),
+        "estimator": estimator if "sensitivity" in metrics else None,
+        "sequential": sequential,
+        "dq_kit_version": __version__,
+        "torch_version": torch.__version__,
+    }
+
+
+def kl_meta(samples: list[CalibrationSample], outcome: dict[str, Any]) -> dict[str, Any]:
+    tokens = outcome["num_tokens"]
+    return {
+        "calibration_samples": len(samples),
+        "calibration_tokens": sum(s.num_tokens for s in samples),
+        "scored_tokens": tokens,
+        "kl_uniform": outcome["kl"] / tokens if tokens else float("nan"),
+        "top1_agreement": outcome["top1"] / tokens if tokens else float("nan"),
+        "nonfinite_positions": outcome["nonfinite_positions"],
+    }
+
+
+def tower_and_layer_of_blocks(blocks: dict[str, list[str]], infos: list[registry.ModuleInfo]) -> dict[str, tuple[str, int | None]]:
+    by_name = {info.name: info for info in infos}
+    return {block: (by_name[linears[0]].tower, by_name[linears[0]].layer) for block, linears in blocks.items()}
+
+
+def model_inputs(sample: CalibrationSample, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+    """The sample's tensors on ``device``, floating ones (pixel values) in the model's ``dtype``."""
+    out = {}
+    for key, value in sample.inputs.items():
+        if isinstance(value, torch.Tensor):
+            value = value.to(device=device, dtype=dtype if value.is_floating_point() else None)
+        out[key] = value
+    return out
+
+
+def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    weight = getattr(embeddings, "weight", None)
+    if weight is None:
+        weight = next(model.parameters())
+    floating = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    return weight.device, floating
+
+
+@contextlib.contextmanager
+def sample_errors(index: int) -> Iterator[None]:
+    """Turn the model's own failure on calibration sample ``index`` into an :class:`AnalysisError` that says what to check."""
+    try:
+        yield
+    except (RuntimeError, ValueError, IndexError, TypeError, KeyError) as exc:
+        raise AnalysisError(
+            f"The model failed on calibration sample {index} ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}). "
+            "Check that the processor belongs to this model (load both with dq.load) and that the sample fits it."
+        ) from exc
+
+
+def forward_logits(model: nn.Module, inputs: dict[str, Any], index: int) -> torch.Tensor:
+    with sample_errors(index):
+        return model(**inputs, use_cache=False).logits[0]
+

@@ -1,0 +1,198 @@
+"""Resolve a model reference (hub id, folder, config) to a config, an Auto class and a weightless skeleton.
+
+Example:
+    >>> import dq_kit as dq
+    >>> config = dq.modeling.resolve_config("Qwen/Qwen2-VL-2B-Instruct")   # shipped, works offline
+    >>> config.model_type
+    'qwen2_vl'
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from torch import nn
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+)
+
+from ..errors import ModelNotFoundError, UnsupportedModelError
+
+SHIPPED_CONFIGS = Path(__file__).parent / "configs"
+_MIRROR_ORGS = ("unsloth",)
+
+
+def shipped_config_path(hub_id: str) -> Path | None:
+    """The config shipped with dq_kit for a hub id (``org/name``), or ``None``.
+
+    Mirrors such as ``unsloth/<name>`` resolve to the shipped original of the same name.
+
+    Example:
+        >>> shipped_config_path("Qwen/Qwen2-VL-2B-Instruct").name
+        'Qwen--Qwen2-VL-2B-Instruct.json'
+    """
+    if hub_id.count("/") != 1:
+        return None
+    exact = SHIPPED_CONFIGS / (hub_id.replace("/", "--") + ".json")
+    if exact.is_file():
+        return exact
+    org, name = hub_id.split("/")
+    if org.lower() in _MIRROR_ORGS:
+        for candidate in sorted(SHIPPED_CONFIGS.glob("*--*.json")):
+            if candidate.stem.split("--", 1)[1].lower() == name.lower():
+                return candidate
+    return None
+
+
+def shipped_hub_ids() -> list[str]:
+    """Hub ids whose configs ship with dq_kit (usable offline by :func:`dq_kit.estimate_memory`)."""
+    return sorted(path.stem.replace("--", "/", 1) for path in SHIPPED_CONFIGS.glob("*--*.json"))
+
+
+def config_from_dict(data: dict[str, Any]) -> PretrainedConfig:
+    """Build the right config class from a ``config.json``-style dict."""
+    model_type = data.get("model_type")
+    if not model_type:
+        raise UnsupportedModelError("The config has no `model_type`; dq_kit cannot tell its architecture.")
+    try:
+        return AutoConfig.for_model(**data)
+    except ValueError as exc:
+        raise UnsupportedModelError(
+            f"transformers {transformers.__version__} does not know model_type={model_type!r}. "
+            "Upgrade transformers, or pass trust_remote_code=True for a model with custom code."
+        ) from exc
+
+
+def local_or_hub(reference: str | os.PathLike) -> str:
+    """The expanded path of an existing local folder, else the reference unchanged (a hub id)."""
+    path = Path(os.fspath(reference)).expanduser()
+    return os.fspath(path) if path.exists() else os.fspath(reference)
+
+
+def looks_like_path(reference: str) -> bool:
+    """Whether ``reference`` reads as a file-system path rather than a hub id (``owner/name``).
+
+    Example:
+        >>> looks_like_path("./my-model"), looks_like_path("Qwen/Qwen2-VL-2B-Instruct")
+        (True, False)
+    """
+    return reference.startswith(("/", ".", "~")) or reference.count("/") != 1 or "\\" in reference
+
+
+def resolve_config(
+    reference: str | os.PathLike | PretrainedConfig | dict,
+    *,
+    trust_remote_code: bool = False,
+    prefer_shipped: bool = False,
+) -> PretrainedConfig:
+    """The config for a hub id, a local folder, a config object or a config dict.
+
+    ``prefer_shipped`` answers from dq_kit's shipped configs before asking the hub (used by the
+    memory planner so that it works offline).
+
+    Example:
+        >>> resolve_config({"model_type": "llama", "hidden_size": 64}).hidden_size
+        64
+    """
+    if isinstance(reference, PretrainedConfig):
+        return reference
+    if isinstance(reference, dict):
+        return config_from_dict(reference)
+    text = os.fspath(reference)
+    path = Path(text).expanduser()
+    if path.exists():
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise ModelNotFoundError(f"{path} has no config.json, so it is not a transformers model folder.")
+        return _load_config(path, trust_remote_code)
+    if looks_like_path(text):
+        raise ModelNotFoundError(f"No model folder at {text!r}. Check the path, or pass a hub id such as 'Qwen/Qwen2-VL-2B-Instruct'.")
+    shipped = shipped_config_path(text)
+    if prefer_shipped and shipped is not None:
+        return _shipped(shipped)
+    try:
+        return _load_config(text, trust_remote_code)
+    except ModelNotFoundError:
+        if shipped is not None:
+            return _shipped(shipped)
+        raise
+
+
+def _shipped(path: Path) -> PretrainedConfig:
+    return config_from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+
+def _load_config(reference: str | Path, trust_remote_code: bool) -> PretrainedConfig:
+    try:
+        return AutoConfig.from_pretrained(reference, trust_remote_code=trust_remote_code)
+    except OSError as exc:
+        raise ModelNotFoundError(
+            f"Could not get the config of {str(reference)!r} ({type(exc).__name__}: {str(exc).splitlines()[0]}). "
+            "Check the hub id and your network or hub login, or pass a local folder."
+        ) from exc
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc):
+            raise UnsupportedModelError(
+                f"{str(reference)!r} needs custom code from its repository. dq_kit does not run it unless you "
+                "pass trust_remote_code=True (only do that for a repository you trust)."
+            ) from exc
+        raise UnsupportedModelError(f"transformers cannot read the config of {str(reference)!r}: {exc}") from exc
+
+
+def auto_class(config: PretrainedConfig) -> type:
+    """``AutoModelForImageTextToText`` for vision-language models, ``AutoModelForCausalLM`` for LMs.
+
+    Example:
+        >>> auto_class(resolve_config("Qwen/Qwen2-VL-2B-Instruct")).__name__
+        'AutoModelForImageTextToText'
+    """
+    auto_map = getattr(config, "auto_map", None) or {}
+    if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or "AutoModelForImageTextToText" in auto_map:
+        return transformers.AutoModelForImageTextToText
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:
+        return transformers.AutoModelForCausalLM
+    raise UnsupportedModelError(
+        f"model_type={config.model_type!r} is neither an image-text-to-text model nor a causal language model; "
+        "dq_kit loads only those two kinds."
+    )
+
+
+def meta_model(config: PretrainedConfig, *, trust_remote_code: bool = False, buffers: bool = False) -> nn.Module:
+    """The model skeleton on the meta device: every module and shape, no memory for weights.
+
+    With ``buffers=True`` the buffers (rotary frequencies and the like, small and often not stored in
+    checkpoints) are real tensors on the CPU; only the parameters are on the meta device.
+
+    Example:
+        >>> model = meta_model(resolve_config("Qwen/Qwen2-VL-2B-Instruct"))
+        >>> next(model.parameters()).device.type
+        'meta'
+        >>> next(meta_model(resolve_config("Qwen/Qwen2-VL-2B-Instruct"), buffers=True).buffers()).device.type
+        'cpu'
+    """
+    if buffers:
+        from accelerate import init_empty_weights
+
+        with init_empty_weights(include_buffers=False):
+            return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        return auto_class(config).from_config(config, trust_remote_code=trust_remote_code)
+
+
+def default_device_map() -> str | dict[str, int]:
+    """The first GPU when there is one, else the CPU."""
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+
+
+def default_dtype(device_map: Any = None) -> torch.dtype:
+    """bf16 on a GPU that supports it, fp16 on older GPUs (T4), fp32 on the CPU."""
+    on_cpu = device_map == "cpu" or (isinstance(device_map, dict) and set(map(str, device_map.values())) <= {"cpu"})
+    if on_cpu or not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16

@@ -1,0 +1,181 @@
+"""Plans from a ``QuantReport`` alone: the knapsack over the report's per-module scores, and the
+quality the report predicts for any plan.
+
+Example:
+    >>> import dq_kit as dq
+    >>> from dq_kit.planning.options import PlanOptions
+    >>> model, processor = dq.load(dq.tiny.save_tiny("llama", "/tmp/tiny-llama"), quant="16bit")
+    >>> report = dq.analyze(model, ["a red square", "two blue circles"], processor=processor, progress=False)
+    >>> plan_from_report(report, PlanOptions(budget=0.10)).source
+    'budget'
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import pandas as pd
+
+from ..errors import PlanError
+from ..models import registry
+from ..quant.plan import Plan, matches_skip_pattern
+from .knapsack import Item, select_within
+from .options import PlanOptions
+
+__all__ = ["candidate_items", "expand_patterns", "extra_bytes", "plan_from_report", "predicted_kl"]
+
+FUSED_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
+
+
+def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | None = None) -> Plan:
+    """Keep in 16-bit the modules that recover the most estimated quality per extra byte (see :func:`dq_kit.plan`).
+
+    ``bytes_4bit`` overrides the report's all-NF4 footprint (for reports made without one); the
+    report itself is never modified.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
+        >>> report = dq.analyze(model, ["A red circle."], tok, progress=False)
+        >>> plan_from_report(report, PlanOptions(top_k=2)).source
+        'top_k'
+    """
+    frame = report.table.rename(columns={"module": "name"})
+    score = options.score
+    if score not in frame.columns:
+        raise PlanError(f"The report has no {score!r} column; available: {sorted(frame.columns)}.")
+    names = frame["name"].tolist()
+    forced_keep = expand_patterns(options.keep, names, "keep")
+    forced_quantize = expand_patterns(options.quantize, names, "quantize")
+    if clash := sorted(forced_keep & forced_quantize):
+        raise PlanError(f"Modules both in keep= and quantize=: {clash[:5]}.")
+    base = _base_plan(report, frame, options.preset)
+    forced_keep |= set(base.keep) - forced_quantize
+
+    rows = frame.set_index("name")
+    candidates = [n for n in names if n not in forced_keep and n not in forced_quantize and n not in base.fixed]
+    items = candidate_items(rows, candidates, score, options.fuse)
+    forced_cost = int(sum(extra_bytes(rows, n) for n in forced_keep))
+
+    mode = options.mode
+    if mode == "threshold":
+        chosen = [i for i in items if i.value >= options.threshold]
+    elif mode == "top_k":
+        chosen = sorted(items, key=lambda i: -i.value)[: options.top_k]
+    else:
+        total_4bit = bytes_4bit if bytes_4bit is not None else report.meta["bytes_4bit"]
+        chosen = select_within(items, options.capacity(total_4bit), forced_cost)
+
+    ranks = {name: rank for rank, name in enumerate(frame.sort_values(score, ascending=False)["name"], start=1)}
+    reasons = dict(base.reasons)
+    for name in forced_keep - set(base.keep):
+        reasons[name] = {"rule": "keep"}
+    for item in chosen:
+        for name in item.names:
+            reasons[name] = {
+                "rule": mode,
+                score: float(rows.at[name, score]),
+                "rank": ranks[name],
+                "extra_bytes": extra_bytes(rows, name),
+            }
+    return Plan(
+        keep=tuple(forced_keep | {n for item in chosen for n in item.names}),
+        fixed=base.fixed,
+        model_type=base.model_type,
+        family=base.family,
+        quant_type=report.meta.get("quant_type", base.quant_type),
+        double_quant=report.meta.get("double_quant", base.double_quant),
+        source=mode,
+        reasons=reasons,
+    )
+
+
+def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
+    """KL (nats/token) the report predicts for ``plan``: the measured uniform-NF4 KL, reduced by the
+    share of the total ``score`` that the kept modules carry (the estimator's scale is calibrated
+    on the measured KL, since per-module estimates do not add up exactly).
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
+        >>> report = dq.analyze(model, ["A red circle.", "Two blue squares."], tok, progress=False)
+        >>> predicted_kl(report, dq.plan(report, budget=0.5)) <= report.meta["kl_uniform"]
+        True
+    """
+    scores = report.table.set_index("module")[score].clip(lower=0)
+    total = float(scores.sum())
+    kept = float(scores[scores.index.isin(plan.keep)].sum())
+    return float(report.meta["kl_uniform"]) * (1 - kept / total) if total > 0 else float(report.meta["kl_uniform"])
+
+
+def expand_patterns(patterns: Iterable[str], names: list[str], what: str) -> set[str]:
+    """The report's module names matched by ``patterns`` (exact names or skip-list patterns); each must match one.
+
+    Example:
+        >>> sorted(expand_patterns(["a.mlp"], ["a.mlp.up", "a.attn.q"], "keep"))
+        ['a.mlp.up']
+    """
+    selected: set[str] = set()
+    for pattern in [patterns] if isinstance(patterns, str) else patterns:
+        matched = {n for n in names if n == pattern or matches_skip_pattern(pattern, n)}
+        if not matched:
+            raise PlanError(f"{what}={pattern!r} matches no module in the report (names look like {names[0]!r}).")
+        selected |= matched
+    return selected
+
+
+def extra_bytes(rows: Any, name: str) -> int:
+    """Bytes that keeping module ``name`` in 16-bit adds over NF4 (``rows``: the report table indexed by name).
+
+    Example:
+        >>> extra_bytes(pd.DataFrame({"bytes_16bit": [100], "bytes_nf4": [30]}, index=["m"]), "m")
+        70
+    """
+    return int(rows.at[name, "bytes_16bit"]) - int(rows.at[name, "bytes_nf4"])
+
+
+def candidate_items(rows: Any, candidates: list[str], score: str, fuse: bool) -> list[Item]:
+    """Knapsack items of ``candidates``: one per module, or one per fused group (q/k/v, gate/up) with ``fuse``.
+
+    Example:
+        >>> rows = pd.DataFrame({"s": [1.0, 2.0], "bytes_16bit": [10, 10], "bytes_nf4": [3, 3]}, index=["l.q_proj", "l.k_proj"])
+        >>> candidate_items(rows, ["l.q_proj", "l.k_proj"], "s", fuse=True)
+        [Item(names=('l.q_proj', 'l.k_proj'), value=3.0, cost=14)]
+    """
+    groups: dict[str, list[str]] = {}
+    for name in candidates:
+        groups.setdefault(_fuse_key(name) if fuse else name, []).append(name)
+    return [
+        Item(tuple(members), float(sum(max(float(rows.at[n, score]), 0.0) for n in members)), sum(extra_bytes(rows, n) for n in members))
+        for members in groups.values()
+    ]
+
+
+def _base_plan(report: Any, frame: Any, preset: bool) -> Plan:
+    """The uniform (or preset) plan of the analysed model, rebuilt from the report alone."""
+    meta = report.meta
+    family = registry.FAMILIES.get(meta.get("family"), registry.GENERIC)
+    keep: list[str] = []
+    if preset:
+        infos = [
+            registry.ModuleInfo(row.name, row.tower, row.group, None if row.layer is pd.NA else int(row.layer), 0, 0, False)
+            for row in frame.itertuples()
+        ]
+        keep = family.preset(infos)
+    return Plan(
+        keep=tuple(keep),
+        fixed=tuple(meta.get("output_heads", ())),
+        model_type=meta.get("model_type"),
+        family=family.name,
+        source="preset" if preset else "uniform",
+        reasons={name: {"rule": f"preset:{family.name}"} for name in keep},
+    )
+
+
+def _fuse_key(name: str) -> str:
+    parent, _, leaf = name.rpartition(".")
+    for index, group in enumerate(FUSED_PROJECTIONS):
+        if leaf in group:
+            return f"{parent}.<fused{index}>"
+    return name

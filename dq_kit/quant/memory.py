@@ -1,0 +1,200 @@
+"""Footprints: bytes of a model in 16-bit, plain NF4 and under a plan, without loading weights.
+
+Example:
+    >>> import dq_kit as dq
+    >>> est = dq.estimate_memory("Qwen/Qwen2-VL-2B-Instruct")      # shipped config, offline
+    >>> round(est.gib("16bit"), 2)
+    4.11
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+from ..errors import AnalysisError
+from ..models import registry
+from ..models.resolution import meta_model, resolve_config
+from ..units import GIB
+from .plan import Plan
+
+BLOCKSIZE = 4 * 16  # bitsandbytes' 4-bit blocksize
+NESTED_BLOCKSIZE = 256  # double quantization groups 256 absmax values
+_NF4_CODE_BYTES = 16 * 4  # the 16-entry float32 code of NF4/FP4
+_NESTED_CODE_BYTES = 256 * 4 + 4  # the 8-bit dynamic code and the offset of double quantization
+
+
+def nf4_weight_bytes(numel: int, double_quant: bool = True) -> int:
+    """Bytes bitsandbytes stores for a 4-bit weight of ``numel`` elements: packed 4-bit values,
+    per-block scales (8-bit with double quantization, else fp32) and the quantization codes.
+
+    Example:
+        >>> nf4_weight_bytes(4096 * 4096) / (4096 * 4096) * 8     # doctest: +ELLIPSIS
+        4.1274...
+    """
+    blocks = math.ceil(numel / BLOCKSIZE)
+    packed = math.ceil(numel / 2)
+    if not double_quant:
+        return packed + blocks * 4 + _NF4_CODE_BYTES
+    return packed + blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + _NESTED_CODE_BYTES + _NF4_CODE_BYTES
+
+
+def footprint_bytes(model: nn.Module, quantized: set[str], *, double_quant: bool = True, bytes_16bit: int = 2) -> int:
+    """Bytes of ``model`` with the Linear weights named in ``quantized`` stored in 4-bit and every
+    other parameter in 16-bit (tied parameters counted once). Works on a meta-device skeleton.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model = dq.tiny.build_tiny_model("llama")
+        >>> footprint_bytes(model, set()) == 2 * sum(p.numel() for p in model.parameters())
+        True
+    """
+    quantized_weights = {f"{name}.weight" for name in quantized}
+    total = 0
+    for name, param in model.named_parameters():
+        if name in quantized_weights:
+            total += nf4_weight_bytes(param.numel(), double_quant)
+        else:
+            total += param.numel() * bytes_16bit
+    return total
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes of one model in 16-bit, uniform NF4 and under a plan."""
+
+    model: str
+    params: int
+    bytes_16bit: int
+    bytes_4bit: int
+    bytes_plan: int
+    plan_source: str
+    kept_modules: int
+
+    def gib(self, which: str) -> float:
+        """Size in GiB of ``"16bit"``, ``"4bit"`` or ``"plan"``."""
+        return {"16bit": self.bytes_16bit, "4bit": self.bytes_4bit, "plan": self.bytes_plan}[which] / GIB
+
+    @property
+    def plan_overhead(self) -> float:
+        """Extra size of the plan over uniform NF4, as a fraction (0.10 = +10%)."""
+        return self.bytes_plan / self.bytes_4bit - 1
+
+    def to_frame(self):
+        """The three sizes as a pandas DataFrame (GiB, bytes, ratio to 16-bit)."""
+        import pandas as pd
+
+        rows = [("16-bit", self.bytes_16bit), ("NF4 (all Linear)", self.bytes_4bit), (f"dynamic ({self.plan_source})", self.bytes_plan)]
+        return pd.DataFrame(
+            {
+                "variant": [name for name, _ in rows],
+                "GiB": [round(b / GIB, 3) for _, b in rows],
+                "bytes": [b for _, b in rows],
+                "vs 16-bit": [round(b / self.bytes_16bit, 3) for _, b in rows],
+            }
+        ).set_index("variant")
+
+    def __str__(self) -> str:
+        return (
+            f"{self.model}: {self.params / 1e9:.2f} B parameters\n"
+            f"  16-bit            {self.gib('16bit'):8.2f} GiB\n"
+            f"  NF4 (all Linear)  {self.gib('4bit'):8.2f} GiB\n"
+            f"  dynamic ({self.plan_source}) {self.gib('plan'):8.2f} GiB  "
+            f"(+{self.plan_overhead:.1%} over NF4, {self.kept_modules} module(s) in 16-bit)"
+        )
+
+    def _repr_html_(self) -> str:
+        return f"<b>{self.model}</b> — {self.params / 1e9:.2f} B parameters" + self.to_frame().to_html()
+
+
+def estimate_memory(config_or_name_or_path: Any, plan: Plan | None = None, *, trust_remote_code: bool = False) -> MemoryEstimate:
+    """Sizes of a model in 16-bit, uniform NF4 and under ``plan`` (default: its preset), computed on
+    the meta device: no weights are downloaded or allocated. Configs of popular VLMs ship with
+    dq_kit, so their hub ids work offline.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> print(dq.estimate_memory("meta-llama/Llama-3.2-11B-Vision-Instruct"))   # doctest: +ELLIPSIS
+        meta-llama/Llama-3.2-11B-Vision-Instruct: 10.67 B parameters
+        ...
+    """
+    if isinstance(config_or_name_or_path, nn.Module):
+        model, label = config_or_name_or_path, config_or_name_or_path.config.model_type
+    else:
+        config = resolve_config(config_or_name_or_path, trust_remote_code=trust_remote_code, prefer_shipped=True)
+        model = meta_model(config, trust_remote_code=trust_remote_code)
+        label = os.fspath(config_or_name_or_path) if isinstance(config_or_name_or_path, (str, os.PathLike)) else config.model_type
+    plan = plan or Plan.preset(model)
+    plan.check(model)
+    linear = {info.name for info in registry.linear_modules(model)}
+    uniform = Plan.uniform(model)
+    return MemoryEstimate(
+        model=label,
+        params=sum(p.numel() for p in model.parameters()),
+        bytes_16bit=footprint_bytes(model, set()),
+        bytes_4bit=footprint_bytes(model, linear - set(uniform.skip_modules), double_quant=plan.double_quant),
+        bytes_plan=footprint_bytes(model, linear - set(plan.skip_modules), double_quant=plan.double_quant),
+        plan_source=plan.source,
+        kept_modules=len(plan.keep),
+    )
+
+
+def loaded_bytes(module: nn.Module) -> int:
+    """Bytes actually held by a loaded module: parameters, buffers and bitsandbytes quantization state.
+
+    Example:
+        >>> import torch
+        >>> loaded_bytes(torch.nn.Linear(4, 4, dtype=torch.float32))
+        80
+    """
+    total = 0
+    seen: set[int] = set()
+    for tensor in (*module.parameters(), *module.buffers()):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        total += tensor.numel() * tensor.element_size()
+        state = getattr(tensor, "quant_state", None)
+        while state is not None:
+            total += sum(t.numel() * t.element_size() for t in (state.absmax, state.code) if t is not None)
+            total += 4 if state.offset is not None else 0
+            state = state.state2 if state.nested else None
+    return total
+
+
+REPORT_META = ("bytes_16bit", "bytes_4bit")
+
+
+def report_memory(report: Any, plan: Plan) -> MemoryEstimate:
+    """Sizes of an analysed model in 16-bit, all-NF4 and under ``plan``, from its ``QuantReport``
+    alone (no model, no weights): the report's whole-model footprints plus, for every kept module,
+    its 16-bit minus its NF4 bytes.
+
+    Example:
+        >>> import pandas as pd
+        >>> from dq_kit.analysis import QuantReport
+        >>> report = QuantReport(pd.DataFrame({"module": ["a"], "bytes_16bit": [2048], "bytes_nf4": [600]}),
+        ...                      meta={"bytes_16bit": 4096, "bytes_4bit": 2648})
+        >>> round(report_memory(report, Plan(keep=("a",))).plan_overhead, 3)
+        0.547
+    """
+    missing = [key for key in REPORT_META if key not in report.meta]
+    if missing:
+        raise AnalysisError(f"report.meta lacks {missing} (whole-model footprints): re-run dq.analyze with this dq_kit version.")
+    table = report.table
+    kept = table[table["module"].isin(plan.keep)]
+    extra = int((kept["bytes_16bit"] - kept["bytes_nf4"]).sum())
+    bytes_16bit = int(report.meta["bytes_16bit"])
+    return MemoryEstimate(
+        model=str(report.meta.get("name_or_path") or report.meta.get("model_type") or "model"),
+        params=bytes_16bit // 2,
+        bytes_16bit=bytes_16bit,
+        bytes_4bit=int(report.meta["bytes_4bit"]),
+        bytes_plan=int(report.meta["bytes_4bit"]) + extra,
+        plan_source=plan.source,
+        kept_modules=len(plan.keep),
+    )

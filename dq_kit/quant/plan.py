@@ -1,0 +1,297 @@
+"""``Plan``: which modules stay 16-bit, by exact full name, plus the 4-bit settings for the rest.
+
+transformers 5 matches ``llm_int8_skip_modules`` from the start of a module's full name or as a
+suffix, no longer as a substring, so dq_kit always writes exact names and verifies them after loading.
+
+Example:
+    >>> import dq_kit as dq
+    >>> model = dq.tiny.build_tiny_model("qwen2_vl")
+    >>> plan = dq.Plan.from_patterns(model, ["merger"])     # a transformers-4 style substring
+    >>> plan.keep
+    ('model.visual.merger.mlp.0', 'model.visual.merger.mlp.2')
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import warnings
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import PlanError
+from ..files import read_json, write_json
+from ..models import registry
+from ..models.resolution import default_dtype, meta_model, resolve_config
+
+PLAN_FORMAT = "dq_kit.plan"
+PLAN_VERSION = 1
+_BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The modules kept in 16-bit, as exact full names, and the 4-bit settings for everything else.
+
+    Attributes:
+        keep: modules chosen to stay 16-bit (``model.visual.blocks.0.attn.qkv``, ...).
+        fixed: modules never quantized whatever the choice (the output head, as bitsandbytes does).
+        model_type: ``config.model_type`` of the model the plan was made for.
+        family: dq_kit family name (``qwen2_vl``, ``mllama``, ...).
+        quant_type: ``"nf4"`` or ``"fp4"``.
+        double_quant: quantize the 4-bit scales too (saves ~0.37 bits/param).
+        source: how the plan was made (``"uniform"``, ``"preset"``, ``"patterns"``, ``"manual"``, ...).
+        reasons: per kept module, why it was kept (metric values, rank, rule).
+
+    Example:
+        >>> plan = Plan(keep=("model.layers.0.mlp.down_proj",), fixed=("lm_head",), model_type="llama")
+        >>> plan.skip_modules
+        ['lm_head', 'model.layers.0.mlp.down_proj']
+    """
+
+    keep: tuple[str, ...] = ()
+    fixed: tuple[str, ...] = ()
+    model_type: str | None = None
+    family: str | None = None
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    source: str = "manual"
+    reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "keep", tuple(sorted(set(self.keep))))
+        object.__setattr__(self, "fixed", tuple(sorted(set(self.fixed))))
+        if self.quant_type not in ("nf4", "fp4"):
+            raise PlanError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}.")
+        bad = [name for name in (*self.keep, *self.fixed) if not isinstance(name, str) or not name]
+        if bad:
+            raise PlanError(f"Module names must be non-empty strings, got {bad[:5]!r}.")
+
+    # ---- construction ------------------------------------------------------------------------
+
+    @classmethod
+    def uniform(cls, model: nn.Module | Any) -> Plan:
+        """Plain 4-bit: every Linear quantized except the output head (bitsandbytes' default).
+
+        Example:
+            >>> import dq_kit as dq
+            >>> Plan.uniform(dq.tiny.build_tiny_model("llama")).skip_modules
+            ['lm_head']
+        """
+        model = _as_model(model)
+        return cls(fixed=tuple(registry.output_head_names(model)), source="uniform", **_identity(model))
+
+    @classmethod
+    def preset(cls, model: nn.Module | Any) -> Plan:
+        """The family's published rule (see ``dq_kit.models.registry.FAMILIES[...].preset_doc``).
+
+        Example:
+            >>> import dq_kit as dq
+            >>> Plan.preset(dq.tiny.build_tiny_model("mllama")).keep
+            ('model.language_model.layers.3.cross_attn.o_proj',)
+        """
+        model = _as_model(model)
+        family = registry.family_of(model.config)
+        keep = registry.preset_modules(model, family)
+        reasons = {name: {"rule": f"preset:{family.name}"} for name in keep}
+        return replace(cls.uniform(model), keep=tuple(keep), source="preset", reasons=reasons)
+
+    @classmethod
+    def from_patterns(cls, model: nn.Module | Any, patterns: Iterable[str]) -> Plan:
+        """Expand regexes, prefixes, suffixes and legacy substrings into exact module names.
+
+        A pattern selects a Linear module when it matches the way transformers 5 does (a regex
+        from the start of the full name up to a module boundary, or a suffix) or the way
+        transformers 4 did (a plain substring), so skip lists copied from published checkpoints
+        keep their meaning. Patterns that only match as substrings trigger a warning; a pattern
+        that matches nothing is an error.
+
+        Example:
+            >>> import dq_kit as dq
+            >>> model = dq.tiny.build_tiny_model("llama")
+            >>> Plan.from_patterns(model, [r"model\\.layers\\.1\\..*down_proj"]).keep
+            ('model.layers.1.mlp.down_proj',)
+        """
+        model = _as_model(model)
+        patterns = [patterns] if isinstance(patterns, str) else list(patterns)
+        names = [info.name for info in registry.linear_modules(model)]
+        heads = set(registry.output_head_names(model))
+        selected: set[str] = set()
+        unmatched, legacy_only = [], []
+        for pattern in patterns:
+            modern = {name for name in names if matches_skip_pattern(pattern, name)}
+            legacy = {name for name in names if pattern in name}
+            if not modern | legacy:
+                unmatched.append(pattern)
+            elif legacy - modern:
+                legacy_only.append(pattern)
+            selected |= modern | legacy
+        if unmatched:
+            raise PlanError(
+                f"{len(unmatched)} pattern(s) match no Linear module of this {model.config.model_type} model: "
+                + "; ".join(f"{p!r}{_suggest(p, names)}" for p in unmatched)
+            )
+        if legacy_only:
+            warnings.warn(
+                f"Pattern(s) {legacy_only!r} select modules only as substrings (transformers 4 behaviour); "
+                "transformers 5 would silently quantize those modules. dq_kit expanded them to exact names.",
+                stacklevel=2,
+            )
+        reasons = {name: {"rule": "pattern"} for name in selected - heads}
+        return cls(keep=tuple(selected - heads), fixed=tuple(heads), source="patterns", reasons=reasons, **_identity(model))
+
+    def with_modules(self, keep: Iterable[str] = (), quantize: Iterable[str] = (), reason: str = "manual") -> Plan:
+        """A copy with modules added to ``keep`` and removed via ``quantize`` (exact names).
+
+        Example:
+            >>> Plan(keep=("a",)).with_modules(keep=["b"], quantize=["a"]).keep
+            ('b',)
+        """
+        quantize = set(quantize)
+        added = set(keep) - set(self.keep)
+        reasons = {n: r for n, r in self.reasons.items() if n not in quantize} | {n: {"rule": reason} for n in added}
+        return replace(self, keep=tuple((set(self.keep) | set(keep)) - quantize), reasons=reasons)
+
+    # ---- use ---------------------------------------------------------------------------------
+
+    @property
+    def skip_modules(self) -> list[str]:
+        """Exact names passed to ``llm_int8_skip_modules``: kept plus fixed modules."""
+        return sorted(set(self.keep) | set(self.fixed))
+
+    def bnb_config(self, compute_dtype: torch.dtype | str | None = None):
+        """The ``transformers.BitsAndBytesConfig`` that loads a model according to this plan.
+
+        Example:
+            >>> cfg = Plan(fixed=("lm_head",)).bnb_config(torch.float32)
+            >>> cfg.bnb_4bit_quant_type, cfg.llm_int8_skip_modules
+            ('nf4', ['lm_head'])
+        """
+        from transformers import BitsAndBytesConfig
+
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type=self.quant_type,
+            bnb_4bit_use_double_quant=self.double_quant,
+            bnb_4bit_compute_dtype=compute_dtype or default_dtype(),
+            bnb_4bit_quant_storage=torch.uint8,
+            llm_int8_skip_modules=self.skip_modules,
+        )
+
+    def check(self, model: nn.Module) -> None:
+        """Raise :class:`PlanError` unless every planned module exists in ``model`` as a Linear layer
+        and the plan was made for this architecture.
+
+        Example:
+            >>> import dq_kit as dq
+            >>> model = dq.tiny.build_tiny_model("llama")
+            >>> Plan.uniform(model).check(model)
+        """
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if self.model_type and model_type and self.model_type != model_type:
+            raise PlanError(
+                f"This plan was made for a {self.model_type!r} model but the model is {model_type!r}. "
+                "Make a plan for this model (dq.Plan.preset(model), dq.plan(report)) instead."
+            )
+        names = [info.name for info in registry.linear_modules(model)]
+        known = set(names)
+        missing = [name for name in self.skip_modules if name not in known]
+        if missing:
+            shown = "; ".join(f"{name!r}{_suggest(name, names)}" for name in missing[:8])
+            more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
+            raise PlanError(f"The plan names {len(missing)} module(s) that are not Linear layers of this model: {shown}{more}.")
+
+    # ---- persistence -------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict (the on-disk format)."""
+        return {
+            "format": PLAN_FORMAT,
+            "version": PLAN_VERSION,
+            "model_type": self.model_type,
+            "family": self.family,
+            "quant_type": self.quant_type,
+            "double_quant": self.double_quant,
+            "source": self.source,
+            "keep": list(self.keep),
+            "fixed": list(self.fixed),
+            "reasons": self.reasons,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        """Inverse of :meth:`to_dict`, with a clear error for anything that is not a dq_kit plan."""
+        if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
+            raise PlanError(f"Not a dq_kit plan: expected a JSON object with \"format\": \"{PLAN_FORMAT}\".")
+        if data.get("version", 0) > PLAN_VERSION:
+            raise PlanError(f"Plan format version {data['version']} is newer than this dq_kit understands; upgrade dq_kit.")
+        try:
+            return cls(
+                keep=tuple(data.get("keep", ())),
+                fixed=tuple(data.get("fixed", ())),
+                model_type=data.get("model_type"),
+                family=data.get("family"),
+                quant_type=data.get("quant_type", "nf4"),
+                double_quant=bool(data.get("double_quant", True)),
+                source=data.get("source", "manual"),
+                reasons=dict(data.get("reasons") or {}),
+            )
+        except TypeError as exc:
+            raise PlanError(f"Malformed plan: {exc}") from exc
+
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the plan as JSON (atomically).
+
+        Example:
+            >>> import tempfile, os
+            >>> path = Plan(keep=("lm_head",)).save(os.path.join(tempfile.mkdtemp(), "plan.json"))
+            >>> Plan.load(path).keep
+            ('lm_head',)
+        """
+        return write_json(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Plan:
+        """Read a plan saved by :meth:`save`; a missing or corrupt file raises :class:`PlanError`."""
+        return cls.from_dict(read_json(path, "Plan", PlanError))
+
+    def __str__(self) -> str:
+        head = f"Plan({self.source}, {self.family or self.model_type or 'any model'}, {self.quant_type}"
+        head += "+double-quant" if self.double_quant else ""
+        lines = [head + f"): {len(self.keep)} module(s) kept in 16-bit, fixed: {list(self.fixed)}"]
+        lines += [f"  {name}" for name in self.keep[:20]]
+        if len(self.keep) > 20:
+            lines.append(f"  ... and {len(self.keep) - 20} more")
+        return "\n".join(lines)
+
+
+def matches_skip_pattern(pattern: str, name: str) -> bool:
+    """transformers 5 ``should_convert_module`` semantics: regex from the start to a boundary, or suffix."""
+    try:
+        matched = re.match(rf"(?:{pattern}){_BOUNDARY}", name) is not None
+    except re.error:
+        matched = False
+    return matched or name.endswith(pattern)
+
+
+def _suggest(name: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(name, candidates, n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+
+
+def _identity(model: nn.Module) -> dict[str, Any]:
+    family = registry.family_of(model.config)
+    return {"model_type": model.config.model_type, "family": family.name}
+
+
+def _as_model(model: nn.Module | Any) -> nn.Module:
+    """Accept a model, or anything :func:`dq_kit.models.resolution.resolve_config` takes (built on the meta device)."""
+    if isinstance(model, nn.Module):
+        return model
+    return meta_model(resolve_config(model, prefer_shipped=True))

@@ -1,0 +1,442 @@
+"""Tiny, offline, real-architecture models and processors for tests and demos.
+
+Nothing here touches the network: every model is built from the real transformers
+config class with random weights, and every processor wraps a byte-level BPE
+tokenizer trained on the spot on a few dozen captions. A folder written by
+:func:`save_tiny` loads back with the Auto classes exactly like a hub id::
+
+    >>> import tempfile, transformers
+    >>> from dq_kit.synthetic.tiny import save_tiny, tiny_chat_inputs
+    >>> path = save_tiny("qwen2_vl", tempfile.mkdtemp())
+    >>> model = transformers.AutoModelForImageTextToText.from_pretrained(path)
+    >>> processor = transformers.AutoProcessor.from_pretrained(path)
+    >>> logits = model(**tiny_chat_inputs(processor, "qwen2_vl")).logits
+
+Sizes are chosen so that every ``nn.Linear`` dimension is a multiple of 64 (the
+bitsandbytes NF4 block size): hidden 64, intermediate 128, 4 heads of 16 (no GQA,
+so k/v projections stay 64 wide), vocabulary 384.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import random
+
+import PIL.Image
+import PIL.ImageDraw
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+from .drawing import PALETTE, draw_shape
+
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
+
+_VOCAB = 384
+_HIDDEN = 64
+_INTERMEDIATE = 128
+_HEADS = 4  # head_dim 16
+_MAX_POSITIONS = 512
+_TEXT_LAYERS = 2
+_VISION_LAYERS = 2
+_QWEN_PATCH = 14  # Qwen: 14 px patches, 2x2 spatial merge, 2-frame temporal patches
+_QWEN_MIN_PIXELS = 56 * 56  # a 56x56 image -> 4x4 patches -> 4 image tokens
+_QWEN_MAX_PIXELS = 112 * 112  # at most 16 image tokens
+_MLLAMA_TILE = 28  # vision image_size == image processor tile size; a 56 px image is 2x2 tiles
+_PIXTRAL_PATCH = 16
+_PIXTRAL_IMAGE = 64  # longest edge; a 56 px image -> 4x4 patches -> 16 [IMG] + 4 break/end tokens
+
+_QWEN_SPECIALS = (
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|vision_start|>",
+    "<|vision_end|>",
+    "<|image_pad|>",
+    "<|video_pad|>",
+)
+_LLAMA_SPECIALS = (
+    "<|begin_of_text|>",
+    "<|end_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+    "<|finetune_right_pad_id|>",
+)
+_SPECIALS: dict[str, tuple[str, ...]] = {
+    "qwen2_vl": _QWEN_SPECIALS,
+    "qwen2_5_vl": _QWEN_SPECIALS,
+    "mllama": _LLAMA_SPECIALS + ("<|image|>", "<|python_tag|>"),  # MllamaProcessor looks up <|python_tag|>
+    "llava": ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"),
+    "llama": _LLAMA_SPECIALS,
+}
+# bos / eos / pad token strings per family (Qwen has no bos token, its config uses <|endoftext|>).
+_ROLE_TOKENS: dict[str, dict[str, str | None]] = {
+    "qwen2_vl": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"},
+    "qwen2_5_vl": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"},
+    "mllama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
+    "llava": {"bos": "<s>", "eos": "</s>", "pad": "<pad>"},
+    "llama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
+}
+
+_COLOURS = {name: rgb for name, rgb in PALETTE.items() if name != "grey"}
+_SHAPES = ("circle", "square", "triangle")
+_CORPUS = [
+    *(
+        f"A {colour} {shape} on a {background} background."
+        for colour, background in zip(_COLOURS, reversed(_COLOURS), strict=True)
+        for shape in _SHAPES
+    ),
+    "What is in the image?",
+    "What colour is the shape?",
+    "What shape do you see?",
+    "Describe the picture in one sentence.",
+    "How many shapes are there?",
+    "Is the circle bigger than the square?",
+    "Where is the triangle in the image?",
+    "There is one small shape in the middle of the picture.",
+    "The shape is near the top left corner.",
+    "The background is plain and the shape is bright.",
+    "I see a picture of a simple shape.",
+    "You are a helpful assistant.",
+    "Answer the question about the image.",
+    "Yes, it is. No, it is not.",
+    "The numbers are 0 1 2 3 4 5 6 7 8 9 10.",
+]
+
+# Jinja macro shared by every template: content is a plain string or a TRL-style list of
+# {"type": "image"} / {"type": "text", "text": ...} items; IMAGE is the family's placeholder.
+_RENDER = (
+    "{%- macro render(content) -%}"
+    "{%- if content is string -%}{{- content -}}"
+    "{%- else -%}{%- for item in content -%}"
+    "{%- if item['type'] == 'image' -%}IMAGE"
+    "{%- elif item['type'] == 'text' -%}{{- item['text'] -}}"
+    "{%- endif -%}{%- endfor -%}{%- endif -%}"
+    "{%- endmacro -%}"
+)
+# Assistant answers (with their end-of-turn token) sit inside {% generation %} so that
+# apply_chat_template(..., return_assistant_tokens_mask=True) marks exactly them.
+_QWEN_TEMPLATE = _RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>") + (
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
+    "{%- endif -%}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- render(message['content']) + '<|im_end|>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- render(message['content']) + '<|im_end|>' -}}{%- endif -%}"
+    "{{- '\\n' -}}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
+)
+_LLAMA3_BODY = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{{- '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' -}}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- render(message['content']) + '<|eot_id|>' -}}{%- endgeneration -%}"
+    "{%- else -%}{{- render(message['content']) + '<|eot_id|>' -}}{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}"
+    "{{- '<|start_header_id|>assistant<|end_header_id|>\\n\\n' -}}"
+    "{%- endif -%}"
+)
+_PIXTRAL_TEMPLATE = _RENDER.replace("IMAGE", "[IMG]") + (
+    "{%- set ns = namespace(system='') -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = render(message['content']) + '\\n\\n' -%}"
+    "{%- elif message['role'] == 'user' -%}"
+    "{{- '[INST]' + ns.system + render(message['content']) + '[/INST]' -}}{%- set ns.system = '' -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{%- generation -%}{{- render(message['content']) + eos_token -}}{%- endgeneration -%}"
+    "{%- else -%}{{- raise_exception('roles must be system, user or assistant') -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+)
+_CHAT_TEMPLATES: dict[str, str] = {
+    "qwen2_vl": _QWEN_TEMPLATE,
+    "qwen2_5_vl": _QWEN_TEMPLATE,
+    "mllama": _RENDER.replace("IMAGE", "<|image|>") + _LLAMA3_BODY,
+    "llava": _PIXTRAL_TEMPLATE,
+    "llama": _RENDER.replace("IMAGE", "{{- raise_exception('llama is text-only: no image items') -}}") + _LLAMA3_BODY,
+}
+
+_MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
+    "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
+    "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    "mllama": transformers.MllamaForConditionalGeneration,
+    "llava": transformers.LlavaForConditionalGeneration,
+    "llama": transformers.LlamaForCausalLM,
+}
+
+
+def _check_family(family: str) -> None:
+    if family not in FAMILIES:
+        raise ValueError(f"Unknown family {family!r}; valid families are: {', '.join(FAMILIES)}")
+
+
+def _train_tokenizer(family: str) -> Tokenizer:
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=_VOCAB,
+        special_tokens=list(_SPECIALS[family]),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_CORPUS, trainer=trainer)
+    return tokenizer
+
+
+def _tiny_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
+    roles = _ROLE_TOKENS[family]
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=_train_tokenizer(family),
+        bos_token=roles["bos"],
+        eos_token=roles["eos"],
+        pad_token=roles["pad"],
+        unk_token="<unk>" if family == "llava" else None,
+        model_max_length=_MAX_POSITIONS,
+        chat_template=_CHAT_TEMPLATES[family],
+    )
+
+
+def _token_ids(family: str) -> dict[str, int]:
+    """Ids the trainer gives the family's special tokens: they come first, in order."""
+    return {token: index for index, token in enumerate(_SPECIALS[family])}
+
+
+def _text_kwargs(family: str) -> dict:
+    ids = _token_ids(family)
+    roles = _ROLE_TOKENS[family]
+    return {
+        "vocab_size": _VOCAB,
+        "hidden_size": _HIDDEN,
+        "intermediate_size": _INTERMEDIATE,
+        "num_attention_heads": _HEADS,
+        "num_key_value_heads": _HEADS,
+        "max_position_embeddings": _MAX_POSITIONS,
+        "bos_token_id": ids[roles["bos"] or "<|endoftext|>"],
+        "eos_token_id": ids[roles["eos"]],
+        "pad_token_id": ids[roles["pad"]],
+    }
+
+
+def tiny_config(family: str) -> transformers.PretrainedConfig:
+    """Return a tiny config of the family's real config class, ids matching :func:`tiny_processor`.
+
+    Example::
+
+        >>> from dq_kit.synthetic.tiny import tiny_config
+        >>> tiny_config("mllama").text_config.cross_attention_layers
+        [1, 3]
+    """
+    _check_family(family)
+    ids = _token_ids(family)
+    text = _text_kwargs(family)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        # mrope sections (temporal, height, width) add up to head_dim / 2 = 8.
+        text_config = {
+            **text,
+            "num_hidden_layers": _TEXT_LAYERS,
+            "rope_scaling": {"type": "mrope", "mrope_section": [2, 3, 3]},
+        }
+        vision = {
+            "depth": _VISION_LAYERS,
+            "num_heads": _HEADS,
+            "patch_size": _QWEN_PATCH,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+        }
+        if family == "qwen2_vl":
+            config_class = transformers.Qwen2VLConfig
+            vision |= {"embed_dim": _HIDDEN, "hidden_size": _HIDDEN, "mlp_ratio": 4}
+        else:
+            config_class = transformers.Qwen2_5_VLConfig
+            vision |= {
+                "hidden_size": _HIDDEN,
+                "intermediate_size": _INTERMEDIATE,
+                "out_hidden_size": _HIDDEN,
+                "window_size": 112,
+                "fullatt_block_indexes": [1],
+            }
+        return config_class(
+            text_config=text_config,
+            vision_config=vision,
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+        )
+    if family == "mllama":
+        return transformers.MllamaConfig(
+            text_config={**text, "num_hidden_layers": 4, "cross_attention_layers": [1, 3]},
+            vision_config={
+                "hidden_size": _HIDDEN,
+                "intermediate_size": _INTERMEDIATE,
+                "attention_heads": _HEADS,
+                "num_hidden_layers": _VISION_LAYERS,
+                "num_global_layers": _VISION_LAYERS,
+                "intermediate_layers_indices": [0, 1],
+                "vision_output_dim": _HIDDEN * 3,  # final hidden state + 2 intermediate layers
+                "image_size": _MLLAMA_TILE,
+                "patch_size": 14,
+                "max_num_tiles": 4,
+            },
+            image_token_index=ids["<|image|>"],
+        )
+    if family == "llava":
+        # The Pixtral-12B layout: Llava wrapper, Pixtral vision tower, Mistral text model.
+        return transformers.LlavaConfig(
+            vision_config=transformers.PixtralVisionConfig(
+                hidden_size=_HIDDEN,
+                intermediate_size=_INTERMEDIATE,
+                num_hidden_layers=_VISION_LAYERS,
+                num_attention_heads=_HEADS,
+                image_size=_PIXTRAL_IMAGE,
+                patch_size=_PIXTRAL_PATCH,
+            ),
+            text_config=transformers.MistralConfig(**text, num_hidden_layers=_TEXT_LAYERS, sliding_window=None),
+            image_token_index=ids["[IMG]"],
+            projector_hidden_act="gelu",
+            vision_feature_layer=-1,
+            vision_feature_select_strategy="full",
+        )
+    return transformers.LlamaConfig(**text, num_hidden_layers=_TEXT_LAYERS)
+
+
+def tiny_processor(family: str) -> transformers.ProcessorMixin | transformers.PreTrainedTokenizerFast:
+    """Return the family's processor (or, for ``"llama"``, its tokenizer) sized for tiny images.
+
+    Example::
+
+        >>> from dq_kit.synthetic.tiny import tiny_processor
+        >>> type(tiny_processor("llava")).__name__
+        'PixtralProcessor'
+    """
+    _check_family(family)
+    tokenizer = _tiny_tokenizer(family)
+    template = _CHAT_TEMPLATES[family]
+    if family == "llama":
+        return tokenizer
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
+        patches = {"patch_size": _QWEN_PATCH, "temporal_patch_size": 2, "merge_size": 2}
+        processor_class = transformers.Qwen2VLProcessor if family == "qwen2_vl" else transformers.Qwen2_5_VLProcessor
+        return processor_class(
+            image_processor=transformers.Qwen2VLImageProcessor(size=size, **patches),
+            video_processor=transformers.Qwen2VLVideoProcessor(size=size, **patches),
+            tokenizer=tokenizer,
+            chat_template=template,
+        )
+    if family == "mllama":
+        return transformers.MllamaProcessor(
+            image_processor=transformers.MllamaImageProcessor(
+                size={"height": _MLLAMA_TILE, "width": _MLLAMA_TILE}, max_image_tiles=4
+            ),
+            tokenizer=tokenizer,
+            chat_template=template,
+        )
+    return transformers.PixtralProcessor(
+        image_processor=transformers.PixtralImageProcessor(
+            size={"longest_edge": _PIXTRAL_IMAGE},
+            patch_size={"height": _PIXTRAL_PATCH, "width": _PIXTRAL_PATCH},
+        ),
+        tokenizer=tokenizer,
+        patch_size=_PIXTRAL_PATCH,
+        spatial_merge_size=1,
+        chat_template=template,
+    )
+
+
+def build_tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+    """Build the family's model with random float32 weights (seeded, global RNG untouched), in eval mode.
+
+    Example::
+
+        >>> from dq_kit.synthetic.tiny import build_tiny_model
+        >>> type(build_tiny_model("llama")).__name__
+        'LlamaForCausalLM'
+    """
+    _check_family(family)
+    config = tiny_config(family)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = _MODEL_CLASSES[family](config)
+    return model.to(torch.float32).eval()
+
+
+def save_tiny(family: str, path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Save a tiny model (safetensors) and its processor/tokenizer to ``path``; return the path.
+
+    Example::
+
+        >>> import tempfile, transformers
+        >>> from dq_kit.synthetic.tiny import save_tiny
+        >>> path = save_tiny("llama", tempfile.mkdtemp())
+        >>> transformers.AutoModelForCausalLM.from_pretrained(path).config.model_type
+        'llama'
+    """
+    _check_family(family)
+    path = pathlib.Path(path)
+    build_tiny_model(family, seed).save_pretrained(path)
+    tiny_processor(family).save_pretrained(path)
+    return path
+
+
+def tiny_chat_inputs(
+    processor: transformers.ProcessorMixin | transformers.PreTrainedTokenizerFast,
+    family: str,
+    text: str = "What is in the image?",
+    image: PIL.Image.Image | None = None,
+) -> transformers.BatchFeature:
+    """Encode one user turn (one image plus ``text``; text only for ``"llama"``) for generation.
+
+    The turn goes through the chat template with ``add_generation_prompt=True`` and then the
+    processor, giving tensors ready for ``model(**inputs)`` or ``model.generate(**inputs)``.
+    ``image`` defaults to :func:`tiny_image`.
+
+    Example::
+
+        >>> from dq_kit.synthetic.tiny import tiny_chat_inputs, tiny_processor
+        >>> inputs = tiny_chat_inputs(tiny_processor("mllama"), "mllama")
+        >>> sorted(inputs)[:3]
+        ['aspect_ratio_ids', 'aspect_ratio_mask', 'attention_mask']
+    """
+    _check_family(family)
+    if family == "llama":
+        if image is not None:
+            raise ValueError("family 'llama' is text-only: pass image=None")
+        messages = [{"role": "user", "content": text}]
+        return processor.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    image = tiny_image() if image is None else image
+    return processor(images=[image], text=[prompt], return_tensors="pt")
+
+
+def tiny_image(seed: int = 0, size: int = 56) -> PIL.Image.Image:
+    """Draw a deterministic ``size`` x ``size`` RGB image: one coloured shape on a plain background.
+
+    Example::
+
+        >>> from dq_kit.synthetic.tiny import tiny_image
+        >>> tiny_image(seed=3).size
+        (56, 56)
+    """
+    rng = random.Random(seed)
+    background, foreground = rng.sample(sorted(_COLOURS), 2)
+    image = PIL.Image.new("RGB", (size, size), _COLOURS[background])
+    extent = rng.randint(size // 3, size * 2 // 3)
+    left, top = rng.randint(0, size - extent), rng.randint(0, size - extent)
+    box = (left, top, left + extent - 1, top + extent - 1)
+    draw = PIL.ImageDraw.Draw(image)
+    draw_shape(draw, rng.choice(_SHAPES), box, _COLOURS[foreground])
+    return image

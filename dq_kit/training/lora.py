@@ -1,0 +1,129 @@
+"""``dq.add_lora``: LoRA adapters on chosen towers and module kinds, for 4-bit, dynamic and 16-bit models.
+
+Targets are exact full module names taken from the registry (``dq.registry.linear_modules``), so
+the same call works for every family and never depends on PEFT's suffix matching.
+
+Example:
+    >>> import dq_kit as dq
+    >>> model, processor = dq.load(dq.tiny.save_tiny("qwen2_vl", "/tmp/tiny-qwen2-vl"), quant="dynamic")
+    >>> peft_model = dq.add_lora(model, r=8, vision=False)          # doctest: +ELLIPSIS
+    trainable params: ...
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
+from torch import nn
+
+from ..errors import DQError
+from ..models.registry import ModuleInfo, linear_modules
+from ..quant.verification import is_quantized
+from .cpu_repacking import make_4bit_trainable
+
+_ATTENTION_GROUPS = {"vision_attention", "language_attention", "cross_attention"}
+_MLP_GROUPS = {"vision_mlp", "language_mlp", "projector"}
+_VISION_TOWERS = {"vision", "projector"}
+
+
+def _matches(name: str, target_modules: str | Sequence[str]) -> bool:
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    return any(name == target or name.endswith("." + target) for target in target_modules)
+
+
+def lora_targets(
+    model: nn.Module,
+    vision: bool = True,
+    language: bool = True,
+    attention: bool = True,
+    mlp: bool = True,
+    target_modules: str | Sequence[str] | None = None,
+) -> list[str]:
+    """Full names of the Linear modules :func:`add_lora` would adapt (the output head never).
+
+    The vision side is the vision encoder plus the projector (the projector counts as an MLP);
+    cross-attention layers count as language attention. ``target_modules`` narrows the choice to
+    names ending in one of the given suffixes (``["q_proj", "v_proj"]``) or fully matching a regex.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> lora_targets(dq.tiny.build_tiny_model("qwen2_vl"), language=False, mlp=False)
+        ['model.visual.blocks.0.attn.qkv', 'model.visual.blocks.0.attn.proj', 'model.visual.blocks.1.attn.qkv', 'model.visual.blocks.1.attn.proj']
+    """
+
+    def chosen(info: ModuleInfo) -> bool:
+        tower_ok = (vision and info.tower in _VISION_TOWERS) or (language and info.tower == "language")
+        kind_ok = (attention and info.group in _ATTENTION_GROUPS) or (mlp and info.group in _MLP_GROUPS)
+        return tower_ok and kind_ok and (target_modules is None or _matches(info.name, target_modules))
+
+    return [info.name for info in linear_modules(model) if chosen(info)]
+
+
+def add_lora(
+    model: nn.Module,
+    r: int = 16,
+    alpha: int = 16,
+    dropout: float = 0.0,
+    vision: bool = True,
+    language: bool = True,
+    attention: bool = True,
+    mlp: bool = True,
+    target_modules: str | Sequence[str] | None = None,
+    gradient_checkpointing: bool = True,
+    seed: int = 0,
+) -> PeftModel:
+    """Wrap ``model`` in a PEFT LoRA model on the chosen towers and module kinds; print the trainable count.
+
+    Works alike on 4-bit (``Linear4bit``) and 16-bit layers of a dynamic model. A quantized model
+    goes through PEFT's ``prepare_model_for_kbit_training`` first (base weights frozen; its
+    non-4-bit parameters are upcast to fp32, as PEFT does for QLoRA) and
+    :func:`make_4bit_trainable`. Gradient checkpointing
+    (non-reentrant) and input gradients are switched on.
+
+    Args:
+        model: a model from :func:`dq_kit.load` (any precision).
+        r, alpha, dropout: LoRA rank, scaling numerator (``alpha / r``) and dropout.
+        vision, language: adapt the vision side (encoder + projector) and/or the language model.
+        attention, mlp: adapt attention (self- and cross-attention) and/or MLP layers.
+        target_modules: optional narrowing, see :func:`lora_targets`.
+        gradient_checkpointing: trade compute for activation memory while training.
+        seed: seeds the adapters' random initialisation (the global RNG is left untouched).
+
+    Raises:
+        DQError: the selection matches no module, or the model already carries adapters.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model, _ = dq.load(dq.tiny.save_tiny("llama", "/tmp/tiny-llama"), quant="4bit", processor=False)
+        >>> peft_model = dq.add_lora(model, r=4, mlp=False)       # doctest: +ELLIPSIS
+        trainable params: ...
+        >>> sorted(peft_model.peft_config["default"].target_modules)[0]
+        'model.layers.0.self_attn.k_proj'
+    """
+    if isinstance(model, PeftModel):
+        raise DQError("The model already has LoRA adapters; pass the base model, or keep training this one.")
+    targets = lora_targets(model, vision=vision, language=language, attention=attention, mlp=mlp, target_modules=target_modules)
+    if not targets:
+        groups = sorted({info.group for info in linear_modules(model)})
+        raise DQError(
+            f"add_lora selected no module (vision={vision}, language={language}, attention={attention}, mlp={mlp}, "
+            f"target_modules={target_modules!r}). This model's Linear groups are: {', '.join(groups)}. "
+            "Switch on at least one tower and one module kind present in the model."
+        )
+    checkpoint_kwargs = {"use_reentrant": False}
+    if any(is_quantized(module) for module in model.modules()):
+        make_4bit_trainable(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    if gradient_checkpointing:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
+        model.enable_input_require_grads()
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        peft_model = get_peft_model(model, config)
+    peft_model.print_trainable_parameters()
+    return peft_model
