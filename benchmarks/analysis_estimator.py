@@ -97,13 +97,13 @@ def summarise(name: str, report, extra: dict | None = None) -> dict:
 def main() -> None:
     rows = []
     for family in ("qwen2_vl", "mllama"):
-        report = analyze(dq.tiny.build_tiny_model(family), default_calibration(n=16, seed=1), dq.tiny.tiny_processor(family),
+        report = analyze(dq.tiny.build_tiny_model(family), dq.tiny.tiny_processor(family), default_calibration(n=16, seed=1),
                          estimator="both", progress=False)
         rows.append(summarise(f"tiny {family} (random weights)", report))
     model, tokenizer, training = train_small_llama()
     rng = random.Random(12345)  # held-out sentences, not the training stream
     calibration = [" ".join(synthetic_sentence(rng) for _ in range(3)) for _ in range(16)]
-    report = analyze(model, calibration, tokenizer, estimator="both", progress=False)
+    report = analyze(model, tokenizer, calibration, estimator="both", progress=False)
     rows.append(summarise("small llama (hidden 128, 4 layers, trained on synthetic text)", report, {"training": training}))
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "analysis_estimator.json").write_text(json.dumps({"results": rows}, indent=2) + "\n")

@@ -230,7 +230,7 @@ def run_model(spec: dict[str, Any], budgets, seeds: int, candidates: int, reuse_
     if report_cached:
         report = QuantReport.load(cached)
     else:
-        report = analyze(model, spec["calibration"], processor, metrics=("weight", "sensitivity"), progress=False)
+        report = analyze(model, processor, spec["calibration"], metrics=("weight", "sensitivity"), progress=False)
         cached.parent.mkdir(parents=True, exist_ok=True)
         report.save(cached)
     meta = report.meta

@@ -76,7 +76,7 @@ def child(mode: str, path: str, out: str) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset the peak (VmHWM) to the current RSS
     started = time.perf_counter()
     if mode != "baseline":
-        report = analyze(path, calibration, sequential=mode == "sequential", progress=False)
+        report = analyze(path, calibration=calibration, sequential=mode == "sequential", progress=False)
         report.save(out)
     elapsed = time.perf_counter() - started
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -57,7 +57,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         calibration = default_calibration(n=args.n_calib, images=vlm)
     report = analyze(
         args.model,
-        calibration,
+        calibration=calibration,
         metrics=tuple(args.metrics),
         quant_type=args.quant_type,
         blocksize=args.blocksize,

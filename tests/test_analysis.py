@@ -30,7 +30,7 @@ def _calibration(family: str, n: int = 4):
 def test_complete_report_for_every_family(family, tiny_path, tmp_path):
     model, processor = dq.load(tiny_path(family), quant="16bit")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    report = analyze(model, _calibration(family), processor, progress=False)
+    report = analyze(model, processor, _calibration(family), progress=False)
 
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())  # not modified
     assert all(p.grad is None for p in model.parameters())
@@ -69,7 +69,7 @@ def test_planted_outliers_rank_first(family, target):
     model = dq.tiny.build_tiny_model(family)
     with torch.no_grad():
         model.get_submodule(target).weight[:, 5] *= 100
-    report = analyze(model, _calibration(family), dq.tiny.tiny_processor(family), estimator="both", progress=False)
+    report = analyze(model, dq.tiny.tiny_processor(family), _calibration(family), estimator="both", progress=False)
     assert report.worst(1, by="weight_error")["module"][0] == target
     assert report.worst(1, by="sensitivity")["module"][0] == target
     assert report.worst(1, by="sensitivity_loo")["module"][0] == target
@@ -81,8 +81,8 @@ def test_sequential_matches_whole_model(family, tiny_path):
     path = tiny_path(family)
     # a text-only sample too: Mllama then skips its cross-attention layers, and so must the sequential run
     calibration = _calibration(family, n=3) + ["A text-only line about a small green triangle."]
-    sequential = analyze(path, calibration, sequential=True, progress=False)
-    whole = analyze(path, calibration, progress=False)
+    sequential = analyze(path, calibration=calibration, sequential=True, progress=False)
+    whole = analyze(path, calibration=calibration, progress=False)
     assert sequential.meta["sequential"] and not whole.meta["sequential"]
     assert sequential.table["module"].tolist() == whole.table["module"].tolist()
     for column in ("weight_error", "act_local_error", "act_accum_error", "sensitivity"):
@@ -107,8 +107,8 @@ def test_sequential_mllama_vision_gradients_from_a_sharded_checkpoint(tmp_path):
     dq.tiny.tiny_processor("mllama").save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors.index.json").is_file()
     calibration = _calibration("mllama", n=2)
-    sequential = analyze(tmp_path, calibration, sequential=True, progress=False)
-    whole = analyze(tmp_path, calibration, progress=False)
+    sequential = analyze(tmp_path, calibration=calibration, sequential=True, progress=False)
+    whole = analyze(tmp_path, calibration=calibration, progress=False)
     vision = sequential.table["tower"] == "vision"
     assert (sequential.table.loc[vision, "sensitivity"] > 0).all()
     assert sequential.table["sensitivity"].tolist() == pytest.approx(whole.table["sensitivity"].tolist(), rel=1e-4, abs=1e-12)
@@ -129,14 +129,14 @@ def test_sequential_layout_of_real_models(hub_id):
 
 def test_metric_subsets_and_options():
     model, tokenizer = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
-    weights_only = analyze(model, None, tokenizer, metrics=("weight",), progress=False)
+    weights_only = analyze(model, tokenizer, None, metrics=("weight",), progress=False)
     assert "weight_error" in weights_only.table and "sensitivity" not in weights_only.table
     assert "kl_uniform" not in weights_only.meta
-    fp4 = analyze(model, ["A red circle."], tokenizer, metrics="activation", quant_type="fp4", progress=False)
+    fp4 = analyze(model, tokenizer, ["A red circle."], metrics="activation", quant_type="fp4", progress=False)
     assert "weight_error" not in fp4.table and fp4.table["act_accum_error"].notna().all()
     for bad in ({"metrics": ("speed",)}, {"quant_type": "int4"}, {"blocksize": 60}, {"estimator": "magic"}):
         with pytest.raises(AnalysisError):
-            analyze(model, ["x"], tokenizer, progress=False, **bad)
+            analyze(model, tokenizer, ["x"], progress=False, **bad)
 
 
 def test_non_finite_weights_are_reported_per_module():
@@ -144,7 +144,7 @@ def test_non_finite_weights_are_reported_per_module():
     target = "model.layers.1.mlp.up_proj"
     with torch.no_grad():
         model.get_submodule(target).weight[0, :3] = float("nan")
-    report = analyze(model, ["A red circle on a blue background."], tokenizer, progress=False)
+    report = analyze(model, tokenizer, ["A red circle on a blue background."], progress=False)
     row = report.table.set_index("module").loc[target]
     assert "3 non-finite" in row["issues"] and row["weight_error"] != row["weight_error"]
     assert "non-finite activations" in report.table.set_index("module").loc["model.layers.1.mlp.down_proj", "issues"]
@@ -154,23 +154,23 @@ def test_non_finite_weights_are_reported_per_module():
 
 def test_clear_errors(tiny_path, tmp_path):
     with pytest.raises(AnalysisError, match="no quantizable Linear"):
-        analyze(nn.Sequential(nn.ReLU()), ["x"], progress=False)
+        analyze(nn.Sequential(nn.ReLU()), calibration=["x"], progress=False)
     llama = dq.tiny.build_tiny_model("llama")
     with pytest.raises(AnalysisError, match="text-only: the processor does not belong"):
-        analyze(llama, default_calibration(n=1), dq.tiny.tiny_processor("qwen2_vl"), progress=False)
+        analyze(llama, dq.tiny.tiny_processor("qwen2_vl"), default_calibration(n=1), progress=False)
     with pytest.raises(AnalysisError, match="image token is not the model's"):
-        analyze(dq.tiny.build_tiny_model("qwen2_vl"), default_calibration(n=1), dq.tiny.tiny_processor("llava"), progress=False)
+        analyze(dq.tiny.build_tiny_model("qwen2_vl"), dq.tiny.tiny_processor("llava"), default_calibration(n=1), progress=False)
     quantized, tokenizer = dq.load(tiny_path("llama"), quant="4bit")
     with pytest.raises(AnalysisError, match="quant='16bit'"):
-        analyze(quantized, ["x"], tokenizer, progress=False)
+        analyze(quantized, tokenizer, ["x"], progress=False)
     with pytest.raises(AnalysisError, match="Download it first"):
-        analyze("no-such-org/no-such-model", ["x"], sequential=True, progress=False)  # offline in the tests
+        analyze("no-such-org/no-such-model", calibration=["x"], sequential=True, progress=False)  # offline in the tests
     with pytest.raises(AnalysisError, match="neither"):
-        analyze(tmp_path / "missing", ["x"], sequential=True, progress=False)
+        analyze(tmp_path / "missing", calibration=["x"], sequential=True, progress=False)
     with pytest.raises(AnalysisError, match="folder path"):
-        analyze(llama, ["x"], sequential=True, progress=False)
+        analyze(llama, calibration=["x"], sequential=True, progress=False)
     with pytest.raises(AnalysisError, match="estimator='fisher'"):
-        analyze(tiny_path("llama"), ["x"], sequential=True, estimator="loo", progress=False)
+        analyze(tiny_path("llama"), calibration=["x"], sequential=True, estimator="loo", progress=False)
     corrupt = tmp_path / "report.json"
     corrupt.write_text('{"format": "dq_kit.quant_report", "modules": [')
     with pytest.raises(AnalysisError, match="not valid JSON"):

@@ -36,7 +36,7 @@ def qwen_variants(tiny_path):
 
 def test_compare_three_variants_of_a_tiny_vlm(qwen_variants, tmp_path):
     variants, processor = qwen_variants
-    result = compare(variants, SAMPLES, processor, max_new_tokens=6)
+    result = compare(variants, processor, SAMPLES, max_new_tokens=6)
 
     summary = result.summary.set_index("variant")
     assert list(result.summary.columns) == [
@@ -69,7 +69,7 @@ def test_compare_three_variants_of_a_tiny_vlm(qwen_variants, tmp_path):
 
 def test_reference_is_the_first_variant_without_a_16bit_one(qwen_variants):
     variants, processor = qwen_variants
-    result = compare({"dynamic": variants["dynamic"], "4bit": variants["4bit"]}, SAMPLES[:1], processor, max_new_tokens=2)
+    result = compare({"dynamic": variants["dynamic"], "4bit": variants["4bit"]}, processor, SAMPLES[:1], max_new_tokens=2)
     assert result.reference == "dynamic"
     assert result.summary["gap closed %"].tolist() == [100.0, 0.0]
 
@@ -88,28 +88,28 @@ def test_answer_tokens_are_the_assistant_turn(qwen_variants):
 def test_variants_of_different_architectures_are_refused(qwen_variants):
     variants, processor = qwen_variants
     with pytest.raises(dq.DQError, match="same model in different precisions"):
-        compare({"16bit": variants["16bit"], "other": dq.tiny.build_tiny_model("llama")}, SAMPLES, processor)
+        compare({"16bit": variants["16bit"], "other": dq.tiny.build_tiny_model("llama")}, processor, SAMPLES)
 
 
 def test_empty_inputs_are_refused(qwen_variants):
     variants, processor = qwen_variants
     with pytest.raises(dq.DQError, match="No samples"):
-        compare(variants, [], processor)
+        compare(variants, processor, [])
     with pytest.raises(dq.DQError, match="No variants"):
-        compare({}, SAMPLES, processor)
+        compare({}, processor, SAMPLES)
 
 
 def test_sample_without_an_answer_is_named(qwen_variants):
     variants, processor = qwen_variants
     bad = {"messages": SAMPLES[0]["messages"][:1], "images": SAMPLES[0]["images"]}
     with pytest.raises(dq.DQError, match="sample 1: needs a user turn followed by an assistant turn"):
-        compare(variants, [SAMPLES[0], bad], processor)
+        compare(variants, processor, [SAMPLES[0], bad])
     with pytest.raises(dq.DQError, match="sample 0: expected a dict with 'messages'"):
-        compare(variants, [{"text": "hello"}], processor)
+        compare(variants, processor, [{"text": "hello"}])
 
 
 def test_sample_whose_images_do_not_fit_its_messages_is_named(qwen_variants):
     variants, processor = qwen_variants
     bad = {"messages": SAMPLES[0]["messages"], "images": []}
     with pytest.raises(dq.DQError, match="sample 0: could not encode it"):
-        compare(variants, [bad], processor)
+        compare(variants, processor, [bad])

@@ -16,7 +16,7 @@ def setup():
     torch.manual_seed(0)
     model, tokenizer = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
     calibration = default_calibration(n=4, seed=3, images=False)
-    report = analyze(model, calibration, tokenizer, metrics=("weight", "sensitivity"), progress=False)
+    report = analyze(model, tokenizer, calibration, metrics=("weight", "sensitivity"), progress=False)
     report.meta.setdefault("bytes_4bit", dq.estimate_memory(model, dq.Plan.uniform(model)).bytes_4bit)
     report.meta.setdefault("output_heads", dq.registry.output_head_names(model))
     refiner = Refiner(model, report, calibration, tokenizer, progress=False)

@@ -21,7 +21,7 @@ from dq_kit.widgets import CompareView, LayerSelector, LiveLossCallback
 @pytest.fixture(scope="module")
 def report(tiny_path) -> QuantReport:
     model, processor = dq.load(tiny_path("qwen2_vl"), quant="16bit")
-    return analyze(model, default_calibration(n=2), processor, progress=False)
+    return analyze(model, processor, default_calibration(n=2), progress=False)
 
 
 def kept_in_figure(selector: LayerSelector) -> int:

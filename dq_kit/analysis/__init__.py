@@ -6,7 +6,7 @@ measurements), ``safetensors_reader`` (16-bit weights read tensor by tensor), ``
 
 Example:
     >>> import dq_kit as dq
-    >>> report = dq.analyze(dq.tiny.build_tiny_model("llama"), ["A red circle."], dq.tiny.tiny_processor("llama"), progress=False)
+    >>> report = dq.analyze(dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama"), ["A red circle."], progress=False)
     >>> len(report.table) > 0
     True
 """

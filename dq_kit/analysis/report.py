@@ -3,7 +3,7 @@
 Example:
     >>> import dq_kit as dq
     >>> model = dq.tiny.build_tiny_model("llama")
-    >>> report = dq.analyze(model, ["A red circle on a blue background."], dq.tiny.tiny_processor("llama"),
+    >>> report = dq.analyze(model, dq.tiny.tiny_processor("llama"), ["A red circle on a blue background."],
     ...                     metrics=("weight",), progress=False)
     >>> report.worst(1, by="weight_error").columns[:3].tolist()
     ['module', 'tower', 'group']

@@ -4,7 +4,7 @@ pass (16-bit forward + backward for Fisher, all-4-bit forward) and, on request, 
 Example:
     >>> import dq_kit as dq
     >>> model = dq.tiny.build_tiny_model("qwen2_vl")
-    >>> report = dq.analyze(model, dq.default_calibration(n=2), dq.tiny.tiny_processor("qwen2_vl"), progress=False)
+    >>> report = dq.analyze(model, dq.tiny.tiny_processor("qwen2_vl"), dq.default_calibration(n=2), progress=False)
     >>> {"weight_error", "act_accum_error", "sensitivity"} <= set(report.table.columns)
     True
 """
@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..arguments import processor_second
 from ..data.calibration import CalibrationSample
 from ..errors import AnalysisError
 from ..progress import progress_bar
@@ -47,8 +48,8 @@ __all__ = ["analyze", "leave_one_out"]
 
 def analyze(
     model: nn.Module | str | os.PathLike,
-    calibration: Iterable[Any] | None = None,
     processor: Any = None,
+    calibration: Iterable[Any] | None = None,
     metrics: Sequence[str] = METRICS,
     quant_type: str = "nf4",
     blocksize: int = 64,
@@ -66,10 +67,11 @@ def analyze(
     Args:
         model: a 16-bit model (``dq.load(path, quant="16bit")``), or a local folder / hub id, which is
             loaded in 16-bit (or streamed block by block with ``sequential=True``). Not modified.
+        processor: the model's processor (VLM) or tokenizer (LM); loaded from the folder when
+            ``model`` is a path. Second, as in every dq_kit function (the older order
+            ``analyze(model, calibration, processor)`` still works, with a ``FutureWarning``).
         calibration: strings, chat samples ``{"messages": [...], "images": [...]}`` or model-input
             dicts (see :mod:`dq_kit.data.calibration`); ``None`` uses :func:`dq_kit.default_calibration`.
-        processor: the model's processor (VLM) or tokenizer (LM); loaded from the folder when
-            ``model`` is a path.
         metrics: any of ``"weight"`` (weight error of the exact 4-bit round trip), ``"activation"``
             (local and accumulated output error of every Linear and block) and ``"sensitivity"``
             (KL to the 16-bit model's next-token distribution, in nats per scored token).
@@ -96,11 +98,12 @@ def analyze(
     Example:
         >>> import dq_kit as dq
         >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
-        >>> report = dq.analyze(model, ["A red circle.", "Two blue squares."], tok, progress=False)
+        >>> report = dq.analyze(model, tok, ["A red circle.", "Two blue squares."], progress=False)
         >>> bool(report.worst(1)["module"].str.startswith("model.layers").all())
         True
     """
     started = time.perf_counter()
+    processor, calibration = processor_second(processor, calibration, "analyze")
     metrics = check_options(metrics, quant_type, blocksize, estimator)
     if sequential:
         return analyze_sequential(

@@ -29,7 +29,7 @@ Pixtral, Llama, Mistral, Qwen2/3, ...).
 Example:
     >>> import dq_kit as dq, tempfile
     >>> path = dq.tiny.save_tiny("qwen2_vl", tempfile.mkdtemp())
-    >>> report = dq.analyze(path, dq.default_calibration(n=1), sequential=True, progress=False)
+    >>> report = dq.analyze(path, calibration=dq.default_calibration(n=1), sequential=True, progress=False)
     >>> report.meta["sequential"], bool(report.table["sensitivity"].notna().all())
     (True, True)
 """

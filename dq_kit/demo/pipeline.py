@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     _section("2. Where does 4-bit hurt?  dq.analyze on calibration images never used for evaluation")
     calibration = list(shapes_dataset(32, seed=2002, task="describe", test_size=None))
-    report = analyze(m16, calibration, processor)
+    report = analyze(m16, processor, calibration)
     print(report.summary())
 
     _section(f"3. dq.plan: the modules worth keeping in 16-bit for +{args.budget:.0%} memory")
@@ -121,7 +121,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     md, _ = load(path, quant="dynamic", plan=chosen, processor=False)
     table = inspect(md)
     print(f"dynamic model: {int((~table.quantized).sum())} of {len(table)} Linear modules in 16-bit (verified)")
-    result = compare({"16bit": m16, "4bit": m4, "dynamic": md}, list(held_out.select(range(8))), processor, max_new_tokens=12)
+    result = compare({"16bit": m16, "4bit": m4, "dynamic": md}, processor, list(held_out.select(range(8))), max_new_tokens=12)
     print(result.summary.to_string(index=False))
     print(result.answers.to_string())
     for name, model in (("NF4", m4), ("dynamic", md)):

@@ -10,7 +10,7 @@ Example:
     >>> m16 = dq.tiny.build_tiny_model("llama")
     >>> m4 = dq.quantize(dq.tiny.build_tiny_model("llama"), dq.Plan.uniform(m16))
     >>> samples = [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes, it is."}]}]
-    >>> result = dq.compare({"16bit": m16, "4bit": m4}, samples, processor, max_new_tokens=4)
+    >>> result = dq.compare({"16bit": m16, "4bit": m4}, processor, samples, max_new_tokens=4)
     >>> result.summary["variant"].tolist()
     ['16bit', '4bit']
 """
@@ -29,6 +29,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..arguments import processor_second
 from ..data.chat import EncodedChat, encode_answer
 from ..errors import DQError
 from ..files import read_json, write_json
@@ -69,7 +70,7 @@ class ComparisonResult:
         Example:
             >>> import dq_kit as dq
             >>> sample = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]}
-            >>> result = dq.compare({"16bit": dq.tiny.build_tiny_model("llama")}, [sample], dq.tiny.tiny_processor("llama"), 2)
+            >>> result = dq.compare({"16bit": dq.tiny.build_tiny_model("llama")}, dq.tiny.tiny_processor("llama"), [sample], 2)
             >>> "<th>Description</th><th>Size</th><th>Result</th>" in result.to_html()
             True
         """
@@ -117,7 +118,7 @@ class ComparisonResult:
         Example:
             >>> import dq_kit as dq
             >>> sample = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]}
-            >>> result = dq.compare({"16bit": dq.tiny.build_tiny_model("llama")}, [sample], dq.tiny.tiny_processor("llama"), 2)
+            >>> result = dq.compare({"16bit": dq.tiny.build_tiny_model("llama")}, dq.tiny.tiny_processor("llama"), [sample], 2)
             >>> import tempfile
             >>> path = result.save(tempfile.mkdtemp() + "/comparison.json")
             >>> ComparisonResult.load(path).reference
@@ -140,8 +141,8 @@ class ComparisonResult:
 
 def compare(
     variants: Mapping[str, nn.Module],
-    samples: Sequence[Mapping[str, Any]],
     processor: Any,
+    samples: Sequence[Mapping[str, Any]],
     max_new_tokens: int = 32,
 ) -> ComparisonResult:
     """Compare model variants on chat samples against a reference variant.
@@ -157,8 +158,9 @@ def compare(
     Args:
         variants: name -> model, e.g. ``{"16bit": m16, "4bit": m4, "dynamic": md}``; same architecture
             and vocabulary. With a ``"4bit"`` variant, ``gap closed %`` is reported.
+        processor: the processor (VLM) or tokenizer (LM) shared by the variants. Second, as in every
+            dq_kit function (``compare(variants, samples, processor)`` still works, with a ``FutureWarning``).
         samples: ``{"messages": [user..., assistant...], "images": [PIL images or paths]}`` dicts.
-        processor: the processor (VLM) or tokenizer (LM) shared by the variants.
         max_new_tokens: length limit of the generated answers.
 
     Raises:
@@ -171,9 +173,10 @@ def compare(
         >>> md = dq.quantize(dq.load("/tmp/tiny-qwen2-vl", quant="16bit", processor=False)[0])
         >>> sample = {"messages": [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape?"}]},
         ...                        {"role": "assistant", "content": "A red square."}], "images": [dq.tiny.tiny_image(1)]}
-        >>> dq.compare({"16bit": m16, "dynamic": md}, [sample], processor).summary.shape
+        >>> dq.compare({"16bit": m16, "dynamic": md}, processor, [sample]).summary.shape
         (2, 8)
     """
+    processor, samples = processor_second(processor, samples, "compare", "samples", first="variants")
     reference = _check_variants(variants)
     if not samples:
         raise DQError("No samples to compare on: pass a non-empty list of chat samples.")

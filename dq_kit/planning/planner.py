@@ -7,7 +7,7 @@ knapsack) or, with ``refine=``, from measured calibration KL (:class:`~dq_kit.pl
 Example:
     >>> import dq_kit as dq
     >>> model, processor = dq.load(dq.tiny.save_tiny("llama", "/tmp/tiny-llama"), quant="16bit")
-    >>> report = dq.analyze(model, ["a red square", "two blue circles"], processor=processor, progress=False)
+    >>> report = dq.analyze(model, processor, ["a red square", "two blue circles"], progress=False)
     >>> plan = dq.plan(report, budget=0.10)
     >>> plan.source
     'budget'
@@ -72,7 +72,7 @@ def plan(
     Example:
         >>> import dq_kit as dq
         >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
-        >>> report = dq.analyze(model, ["A red circle.", "Two blue squares."], tok, progress=False)
+        >>> report = dq.analyze(model, tok, ["A red circle.", "Two blue squares."], progress=False)
         >>> len(dq.plan(report, budget=0.5, keep=["model.layers.0.mlp.down_proj"]).keep) >= 1
         True
         >>> dq.plan(report, options=dq.PlanOptions(top_k=3)).source

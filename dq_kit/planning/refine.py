@@ -38,7 +38,7 @@ Example:
     >>> from dq_kit.analysis import analyze
     >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
     >>> texts = ["A red circle on a blue background.", "Two green squares and a yellow triangle."]
-    >>> report = analyze(model, texts, tok, progress=False)
+    >>> report = analyze(model, tok, texts, progress=False)
     >>> plan = refine_plan(model, report, 0.5, texts, tok, progress=False)
     >>> plan.source
     'refined'
@@ -134,7 +134,7 @@ class Refiner:
         >>> import dq_kit as dq
         >>> from dq_kit.analysis import analyze
         >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
-        >>> report = analyze(model, ["A red circle."], tok, progress=False)
+        >>> report = analyze(model, tok, ["A red circle."], progress=False)
         >>> refiner = Refiner(model, report, ["A red circle."], tok, progress=False)
         >>> refiner.kl([]) > refiner.kl(report.table["module"]) == 0.0
         True

@@ -5,7 +5,7 @@ Example:
     >>> import dq_kit as dq
     >>> from dq_kit.planning.options import PlanOptions
     >>> model, processor = dq.load(dq.tiny.save_tiny("llama", "/tmp/tiny-llama"), quant="16bit")
-    >>> report = dq.analyze(model, ["a red square", "two blue circles"], processor=processor, progress=False)
+    >>> report = dq.analyze(model, processor, ["a red square", "two blue circles"], progress=False)
     >>> plan_from_report(report, PlanOptions(budget=0.10)).source
     'budget'
 """
@@ -37,7 +37,7 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
     Example:
         >>> import dq_kit as dq
         >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
-        >>> report = dq.analyze(model, ["A red circle."], tok, progress=False)
+        >>> report = dq.analyze(model, tok, ["A red circle."], progress=False)
         >>> plan_from_report(report, PlanOptions(top_k=2)).source
         'top_k'
     """
@@ -99,7 +99,7 @@ def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
     Example:
         >>> import dq_kit as dq
         >>> model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
-        >>> report = dq.analyze(model, ["A red circle.", "Two blue squares."], tok, progress=False)
+        >>> report = dq.analyze(model, tok, ["A red circle.", "Two blue squares."], progress=False)
         >>> predicted_kl(report, dq.plan(report, budget=0.5)) <= report.meta["kl_uniform"]
         True
     """

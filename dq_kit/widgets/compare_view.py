@@ -6,7 +6,7 @@ Example:
     >>> import dq_kit as dq
     >>> from dq_kit.widgets import CompareView
     >>> sample = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yes."}]}
-    >>> result = dq.compare({"16bit": dq.tiny.build_tiny_model("llama")}, [sample], dq.tiny.tiny_processor("llama"), 2)
+    >>> result = dq.compare({"16bit": dq.tiny.build_tiny_model("llama")}, dq.tiny.tiny_processor("llama"), [sample], 2)
     >>> view = CompareView(result, [sample])
     >>> "Sample 0" in view.cards.value
     True
@@ -43,7 +43,7 @@ class CompareView(widgets.VBox):
         cards: HTML of the samples shown.
 
     Example:
-        >>> CompareView(dq.compare({"16bit": m16, "4bit": m4, "dynamic": md}, samples, processor), samples)   # doctest: +SKIP
+        >>> CompareView(dq.compare({"16bit": m16, "4bit": m4, "dynamic": md}, processor, samples), samples)   # doctest: +SKIP
     """
 
     def __init__(self, result: Any, samples: Sequence[Mapping[str, Any]] | None = None, *, thumbnail: int = 128) -> None:

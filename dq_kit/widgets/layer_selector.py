@@ -12,7 +12,7 @@ Example:
     >>> from dq_kit.widgets import LayerSelector
     >>> path = dq.tiny.save_tiny("qwen2_vl", "/tmp/tiny-qwen2-vl")
     >>> model, processor = dq.load(path, quant="16bit")
-    >>> report = analyze(model, dq.calibration.default_calibration(n=2), processor, progress=False)
+    >>> report = analyze(model, processor, dq.calibration.default_calibration(n=2), progress=False)
     >>> selector = LayerSelector(report, model_ref=path)
     >>> selector.budget.value = 0.2
     >>> selector.plan.source
