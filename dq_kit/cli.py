@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import DQError
+from .planning.options import PlanOptions
 
 
 def _read_calibration(path: str) -> list[Any]:
@@ -109,16 +111,8 @@ def _run_plan(args: argparse.Namespace) -> int:
     from .planning import plan, predicted_kl
 
     report = QuantReport.load(args.report)
-    chosen = plan(
-        report,
-        budget=args.budget,
-        budget_bytes=args.budget_bytes,
-        threshold=args.threshold,
-        top_k=args.top_k,
-        keep=args.keep,
-        quantize=args.quantize,
-        preset=args.preset,
-    )
+    options = PlanOptions(**{field.name: getattr(args, field.name) for field in dataclasses.fields(PlanOptions)})
+    chosen = plan(report, options=options)
     chosen.save(args.out)
     print(chosen)
     print(f"predicted KL {predicted_kl(report, chosen):.4g} nats/token (uniform NF4: {report.meta['kl_uniform']:.4g})")
@@ -134,13 +128,15 @@ def _add_plan(subparsers: Any) -> None:
     )
     parser.add_argument("report", help="report JSON written by `dq-kit analyze`")
     parser.add_argument("--out", required=True, help="where to write the plan JSON")
-    parser.add_argument("--budget", type=float, default=0.10, help="extra memory over uniform NF4, as a fraction (default 0.10)")
-    parser.add_argument("--budget-bytes", type=int, default=None, help="the budget in bytes instead")
-    parser.add_argument("--threshold", type=float, default=None, help="keep every module whose sensitivity is at least this")
-    parser.add_argument("--top-k", type=int, default=None, help="keep the k most sensitive modules (fused groups count once)")
-    parser.add_argument("--keep", nargs="*", default=[], help="names or regexes always kept in 16-bit")
-    parser.add_argument("--quantize", nargs="*", default=[], help="names or regexes never kept")
-    parser.add_argument("--preset", action="store_true", help="start from the architecture preset")
+    kinds = {"budget": float, "budget_bytes": int, "threshold": float, "top_k": int, "score": str}
+    for field in dataclasses.fields(PlanOptions):  # the options dq.plan takes, with their help, in one place
+        flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
+        if field.name in ("keep", "quantize"):
+            parser.add_argument(flag, nargs="*", default=[], help=help_text)
+        elif isinstance(field.default, bool):
+            parser.add_argument(flag, action="store_true", help=help_text)
+        else:
+            parser.add_argument(flag, type=kinds[field.name], default=field.default, help=f"{help_text} (default {field.default})")
     parser.set_defaults(func=_run_plan)
 
 

@@ -10,9 +10,22 @@ Example:
     0.2
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
 from .options import PlanOptions
-from .planner import plan
-from .refine import Refiner, refine_plan
-from .report_plan import plan_from_report, predicted_kl
+
+# Imported on first use, so that PlanOptions (which the CLI builds its flags from) stays light.
+_NAMES = {"plan": "planner", "Refiner": "refine", "refine_plan": "refine", "plan_from_report": "report_plan", "predicted_kl": "report_plan"}
 
 __all__ = ["PlanOptions", "Refiner", "plan", "plan_from_report", "predicted_kl", "refine_plan"]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _NAMES:
+        raise AttributeError(f"module 'dq_kit.planning' has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{_NAMES[name]}", __name__), name)
+    globals()[name] = value
+    return value
