@@ -26,6 +26,7 @@ test: $(STAMP)
 
 benchmark: $(STAMP)
 	$(PY) -m pytest -q -m slow
+	$(PY) benchmarks/import_time.py
 	$(PY) benchmarks/analysis_estimator.py
 	$(PY) benchmarks/sequential_memory.py
 	$(PY) benchmarks/training.py
