@@ -53,3 +53,14 @@ def test_refine_plan_respects_forced_modules(setup):
     assert forced in plan.keep
     assert not model.training
     dq.quantize(dq.tiny.build_tiny_model("llama"), plan)  # the plan applies to the architecture
+
+
+def test_refined_planning_leaves_the_report_untouched():
+    model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
+    texts = ["A red circle on a blue background.", "Two green squares."]
+    report = dq.analyze(model, tok, texts, progress=False)
+    del report.meta["bytes_4bit"]
+    before = dict(report.meta)
+    plan = dq.Refiner(model, report, texts, tok, progress=False).plan(0.5)
+    assert plan.source == "refined"
+    assert report.meta == before
