@@ -21,14 +21,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from .errors import DQError
+from .errors import CalibrationError, DQError
 from .planning.options import PlanOptions
 
 
 def _read_calibration(path: str) -> list[Any]:
     """Samples from a JSON list or a JSONL file (strings, chat samples or model-input dicts)."""
-    from .errors import CalibrationError
-
     file = Path(path)
     if not file.is_file():
         raise CalibrationError(f"Calibration file not found: {file}")

@@ -59,8 +59,10 @@ def test_refined_planning_leaves_the_report_untouched():
     model, tok = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
     texts = ["A red circle on a blue background.", "Two green squares."]
     report = dq.analyze(model, tok, texts, progress=False)
+    heads = report.meta.pop("output_heads")
     del report.meta["bytes_4bit"]
     before = dict(report.meta)
     plan = dq.Refiner(model, report, texts, tok, progress=False).plan(0.5)
     assert plan.source == "refined"
     assert report.meta == before
+    assert set(plan.fixed) == set(heads) == set(dq.registry.output_head_names(model))

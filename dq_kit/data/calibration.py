@@ -34,7 +34,7 @@ import torch
 
 from ..errors import CalibrationError
 from ..synthetic.drawing import PALETTE, SHAPES, draw_shape
-from .chat import encode_chat, has_image_processor
+from .chat import encode_chat, has_image_processor, tokenizer_of
 from .images import open_image
 
 __all__ = ["CalibrationError", "CalibrationSample", "default_calibration", "prepare_calibration"]
@@ -177,10 +177,6 @@ def default_calibration(n: int = 32, seed: int = 0, *, images: bool = True, imag
 # --------------------------------------------------------------------------------------------
 
 
-def _tokenizer_of(processor: Any) -> Any:
-    return getattr(processor, "tokenizer", processor)
-
-
 def image_token_ids(processor: Any = None, config: Any = None) -> set[int]:
     """Token ids of image placeholders (never scored): from the model config and the processor.
 
@@ -195,7 +191,7 @@ def image_token_ids(processor: Any = None, config: Any = None) -> set[int]:
         if isinstance(value, int):
             ids.add(value)
     if processor is not None and has_image_processor(processor):
-        tokenizer = _tokenizer_of(processor)
+        tokenizer = tokenizer_of(processor)
         for attr in ("image_token", "image_break_token", "image_end_token", "video_token"):
             token = getattr(processor, attr, None)
             if isinstance(token, str):
@@ -247,8 +243,8 @@ def _chat_sample(sample: Mapping[str, Any], index: int, processor: Any, base_dir
             "the model is text-only, or pass the model's processor (dq.load returns it). For a language model use "
             "dq.default_calibration(images=False) or text samples."
         )
-    images = [open_image(image, f"Calibration sample {index}: image {position}", base_dir, CalibrationError) for position, image in enumerate(raw_images)]
     where = f"Calibration sample {index}"
+    images = [open_image(image, f"{where}: image {position}", base_dir, CalibrationError) for position, image in enumerate(raw_images)]
     inputs = dict(encode_chat(processor, messages, images, generation_prompt=False, where=where, error=CalibrationError))
     answer_start = None
     if messages[-1]["role"] == "assistant" and len(messages) > 1:
@@ -301,7 +297,7 @@ def prepare_calibration(
     if not samples:
         raise CalibrationError("The calibration set is empty; pass at least one sample (or use dq.default_calibration()).")
     skip_ids = image_token_ids(processor, config)
-    tokenizer = _tokenizer_of(processor) if processor is not None else None
+    tokenizer = tokenizer_of(processor) if processor is not None else None
     pad_id = getattr(tokenizer, "pad_token_id", None)
     vocab = _vocab_size(config)
     if tokenizer is not None and vocab is not None and len(tokenizer) > vocab:

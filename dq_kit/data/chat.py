@@ -85,7 +85,7 @@ def encode_answer(processor: Any, sample: Mapping[str, Any], name: str = "sample
     start = len(prompt_ids)
     if len(full_ids) <= start or not full_ids[:start].equal(prompt_ids):
         raise DQError(f"{name}: the chat template does not render the prompt as a prefix of the conversation, so the answer tokens cannot be found.")
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = tokenizer_of(processor)
     end = len(full_ids)
     while end > start + 1 and not tokenizer.decode(full_ids[end - 1 : end]).strip():
         end -= 1
@@ -105,6 +105,18 @@ def text_of(content: Any, sep: str = " ") -> str:
     if isinstance(content, list):
         return sep.join(item.get("text", "") or "" for item in content if isinstance(item, Mapping) and item.get("type") == "text")
     return ""
+
+
+def tokenizer_of(processor: Any) -> Any:
+    """The tokenizer of a processor (a tokenizer is its own).
+
+    Example:
+        >>> import dq_kit as dq
+        >>> processor = dq.tiny.tiny_processor("qwen2_vl")
+        >>> tokenizer_of(processor) is processor.tokenizer
+        True
+    """
+    return getattr(processor, "tokenizer", processor)
 
 
 def has_image_processor(processor: Any) -> bool:
@@ -143,7 +155,7 @@ def encode_chat(
         raise error(f"{where}: a tokenizer cannot encode images; pass the model's processor (dq.load returns it).")
     if not multimodal:
         messages = [{**m, "content": m["content"] if isinstance(m["content"], str) else text_of(m["content"], sep="")} for m in messages]
-    template_owner = processor if getattr(processor, "chat_template", None) else getattr(processor, "tokenizer", processor)
+    template_owner = processor if getattr(processor, "chat_template", None) else tokenizer_of(processor)
     if not getattr(template_owner, "chat_template", None):
         raise error(
             f"The processor ({type(processor).__name__}) has no chat template, so chat samples cannot be formatted. "

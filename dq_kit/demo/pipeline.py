@@ -54,7 +54,7 @@ def _memory_table() -> pd.DataFrame:
 def teach_skill(model: Any, processor: Any, splits: Any, steps: int = 800, lr: float = 2e-3) -> tuple[Any, Any, Any]:
     """LoRA-fine-tune ``model`` on ``splits["train"]`` and score ``splits["test"]`` before and after.
 
-    Returns ``(peft_model, scores_before, scores_after)`` (:class:`dq_kit.evaluation.generation.AnswerScores`).
+    Returns ``(peft_model, scores_before, scores_after)`` (:class:`dq_kit.evaluation.scores.AnswerScores`).
 
     Example:
         >>> import dq_kit as dq

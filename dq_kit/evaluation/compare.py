@@ -30,7 +30,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..arguments import processor_second
-from ..data.chat import EncodedChat, encode_answer
+from ..data.chat import EncodedChat, encode_answer, tokenizer_of
 from ..errors import DQError
 from ..files import read_json, write_json
 from ..quant.memory import loaded_bytes
@@ -181,7 +181,7 @@ def compare(
     if not samples:
         raise DQError("No samples to compare on: pass a non-empty list of chat samples.")
     encoded = [encode_answer(processor, sample, name=f"sample {i}") for i, sample in enumerate(samples)]
-    tokenizer = getattr(processor, "tokenizer", processor)
+    tokenizer = tokenizer_of(processor)
     stats = {name: _TokenStats() for name in variants}
     answers: dict[str, list[str]] = {name: [] for name in variants}
     for chat in tqdm(encoded, desc="Comparing variants", unit="sample"):

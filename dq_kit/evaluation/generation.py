@@ -20,19 +20,8 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
+from ..data.chat import tokenizer_of
 from ..data.images import load_image
-
-
-def tokenizer_of(processor: Any) -> PreTrainedTokenizerBase:
-    """The tokenizer of a processor (a tokenizer is its own).
-
-    Example:
-        >>> import dq_kit as dq
-        >>> processor = dq.tiny.tiny_processor("qwen2_vl")
-        >>> tokenizer_of(processor) is processor.tokenizer
-        True
-    """
-    return processor if isinstance(processor, PreTrainedTokenizerBase) else processor.tokenizer
 
 
 def model_device(model: nn.Module) -> torch.device:

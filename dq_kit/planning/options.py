@@ -72,6 +72,15 @@ class PlanOptions:
             return "top_k"
         return "budget"
 
+    def require_budget(self, what: str) -> None:
+        """Raise :class:`dq_kit.PlanError` unless the options are in a budget mode (``what`` names the caller).
+
+        Example:
+            >>> PlanOptions(budget=0.2).require_budget("refine=")
+        """
+        if self.mode != "budget":
+            raise PlanError(f"{what} works with budget= or budget_bytes=, not threshold= or top_k=.")
+
     def capacity(self, bytes_4bit: int) -> int:
         """The budget in bytes for a model whose all-NF4 footprint is ``bytes_4bit``.
 

@@ -85,8 +85,7 @@ def plan(
         )
     if refine is None:
         return plan_from_report(report, options)
-    if options.mode != "budget":
-        raise PlanError("refine= works with budget= or budget_bytes=, not threshold= or top_k=.")
+    options.require_budget("refine=")
     if unknown := sorted(set(refine) - set(_REFINE_KEYS)):
         raise PlanError(f"Unknown refine= option(s) {unknown}; choose from {list(_REFINE_KEYS)}.")
     if "model" not in refine:

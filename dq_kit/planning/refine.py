@@ -63,6 +63,7 @@ from ..analysis.sensitivity import kl_sum
 from ..analysis.weights import quantize_roundtrip
 from ..data.calibration import CalibrationSample
 from ..errors import PlanError
+from ..models import registry
 from ..progress import progress_bar
 from ..quant.memory import estimate_memory
 from ..quant.plan import Plan
@@ -180,6 +181,7 @@ class Refiner:
         self._spans: list[dict[str, tuple[int, Any]]] = []
         self._prefix_ok = cache_blocks
         self.bytes_4bit: int = meta.get("bytes_4bit") or estimate_memory(model, Plan.uniform(model)).bytes_4bit
+        self.output_heads: list[str] = meta.get("output_heads") or registry.output_head_names(model)
         self._setup()
 
     # ---- measurement ---------------------------------------------------------------------------
@@ -333,13 +335,12 @@ class Refiner:
         """
         if options is None:
             options = PlanOptions(budget=budget, budget_bytes=budget_bytes, keep=keep, quantize=quantize, preset=preset, fuse=fuse, score=score)
-        if options.mode != "budget":
-            raise PlanError("A refined plan needs a budget (budget= or budget_bytes=), not threshold= or top_k=.")
+        options.require_budget("refine=")
         report = self.report
         score = options.score
         column = score if score in report.table.columns else "weight_error"
         options = options.replace(score=column)
-        base = plan_from_report(report, options, bytes_4bit=self.bytes_4bit)
+        base = plan_from_report(report, options, bytes_4bit=self.bytes_4bit, output_heads=self.output_heads)
         capacity = options.capacity(self.bytes_4bit)
         rows = report.table.rename(columns={"module": "name"}).set_index("name")
         forced = frozenset(name for name in base.keep if base.reasons.get(name, {}).get("rule") != "budget")
@@ -359,7 +360,7 @@ class Refiner:
 
         choices: dict[str, frozenset[str]] = {"report": frozenset(base.keep)}
         if not options.fuse:  # the fused plan is a valid unfused plan too: let the measurement decide
-            fused = plan_from_report(report, options.replace(fuse=True), bytes_4bit=self.bytes_4bit)
+            fused = plan_from_report(report, options.replace(fuse=True), bytes_4bit=self.bytes_4bit, output_heads=self.output_heads)
             choices["report_fused"] = frozenset(fused.keep)
         measured_items = [Item(item.names, max(single[item.names], 0.0), item.cost) for item in shortlist]
         chosen = select_within(measured_items, room, 0) if any(i.value > 0 for i in measured_items) else []

@@ -28,11 +28,11 @@ __all__ = ["candidate_items", "expand_patterns", "extra_bytes", "plan_from_repor
 FUSED_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
 
-def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | None = None) -> Plan:
+def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | None = None, output_heads: list[str] | None = None) -> Plan:
     """Keep in 16-bit the modules that recover the most estimated quality per extra byte (see :func:`dq_kit.plan`).
 
-    ``bytes_4bit`` overrides the report's all-NF4 footprint (for reports made without one); the
-    report itself is never modified.
+    ``bytes_4bit`` and ``output_heads`` stand in for the report's all-NF4 footprint and output heads
+    (for reports made without them); the report itself is never modified.
 
     Example:
         >>> import dq_kit as dq
@@ -50,7 +50,7 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
     forced_quantize = expand_patterns(options.quantize, names, "quantize")
     if clash := sorted(forced_keep & forced_quantize):
         raise PlanError(f"Modules both in keep= and quantize=: {clash[:5]}.")
-    base = _base_plan(report, frame, options.preset)
+    base = _base_plan(report, frame, options.preset, output_heads)
     forced_keep |= set(base.keep) - forced_quantize
 
     rows = frame.set_index("name")
@@ -152,7 +152,7 @@ def candidate_items(rows: Any, candidates: list[str], score: str, fuse: bool) ->
     ]
 
 
-def _base_plan(report: Any, frame: Any, preset: bool) -> Plan:
+def _base_plan(report: Any, frame: Any, preset: bool, output_heads: list[str] | None) -> Plan:
     """The uniform (or preset) plan of the analysed model, rebuilt from the report alone."""
     meta = report.meta
     family = registry.FAMILIES.get(meta.get("family"), registry.GENERIC)
@@ -165,7 +165,7 @@ def _base_plan(report: Any, frame: Any, preset: bool) -> Plan:
         keep = family.preset(infos)
     return Plan(
         keep=tuple(keep),
-        fixed=tuple(meta.get("output_heads", ())),
+        fixed=tuple(meta.get("output_heads", output_heads or ())),
         model_type=meta.get("model_type"),
         family=family.name,
         source="preset" if preset else "uniform",
