@@ -63,6 +63,7 @@ def _run_analyze(args: argparse.Namespace) -> int:
         blocksize=args.blocksize,
         estimator=args.estimator,
         sequential=args.sequential,
+        corrections=args.corrections,
         max_length=args.max_length,
         progress=not args.quiet,
         base_dir=base_dir,
@@ -96,6 +97,8 @@ def _add_analyze(subparsers: Any) -> None:
                         choices=["weight", "activation", "sensitivity"], help="metrics to measure (default: all)")
     parser.add_argument("--estimator", default="fisher", choices=["fisher", "loo", "both"], help="sensitivity estimator")
     parser.add_argument("--sequential", action="store_true", help="hold one block at a time (models larger than memory)")
+    parser.add_argument("--corrections", action="store_true",
+                        help="also fit low-rank error corrections (written beside the report as .corrections.safetensors)")
     parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=None, help="truncate text-only calibration samples")
@@ -126,7 +129,7 @@ def _add_plan(subparsers: Any) -> None:
     )
     parser.add_argument("report", help="report JSON written by `dq-kit analyze`")
     parser.add_argument("--out", required=True, help="where to write the plan JSON")
-    kinds = {"budget": float, "budget_bytes": int, "threshold": float, "top_k": int, "score": str}
+    kinds = {"budget": float, "budget_bytes": int, "threshold": float, "top_k": int, "score": str, "menu": str}
     for field in dataclasses.fields(PlanOptions):  # the options dq.plan takes, with their help, in one place
         flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]
         if field.name in ("keep", "quantize"):

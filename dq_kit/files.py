@@ -49,6 +49,31 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 
 
 @contextmanager
+def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path`` for a writer that takes a file name (safetensors, ...);
+    on success it is renamed onto ``path`` with the usual permissions, on an exception removed.
+
+    Example:
+        >>> import tempfile
+        >>> with atomic_file(Path(tempfile.mkdtemp()) / "data.bin") as tmp:
+        ...     _ = tmp.write_bytes(b"abc")
+        >>> tmp.exists()
+        False
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.chmod(tmp, _usual_mode(directory=False))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+@contextmanager
 def atomic_directory(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a fresh staging folder next to ``path``; on success it replaces ``path`` by rename.
 

@@ -23,6 +23,7 @@ from ..models import registry
 from ..quant.memory import footprint_bytes
 from ..quant.verification import is_quantized
 from ..version import __version__
+from .corrections import check_ranks
 from .weights import quantize_roundtrip, weight_metrics
 
 METRICS = ("weight", "activation", "sensitivity")
@@ -87,6 +88,25 @@ def check_options(metrics: Sequence[str], quant_type: str, blocksize: int, estim
     if estimator not in ESTIMATORS:
         raise AnalysisError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}.")
     return metrics
+
+
+def check_correction_options(corrections: bool, ranks: Sequence[int], metrics: Sequence[str], estimator: str) -> tuple[int, ...]:
+    """The correction rank menu to fit (empty without ``corrections``); corrections need Fisher sensitivity.
+
+    Example:
+        >>> check_correction_options(True, [8, 4], ("sensitivity",), "fisher")
+        (4, 8)
+        >>> check_correction_options(False, [8], ("weight",), "fisher")
+        ()
+    """
+    if not corrections:
+        return ()
+    if "sensitivity" not in metrics or estimator not in ("fisher", "both"):
+        raise AnalysisError(
+            "corrections=True scores each correction with the Fisher sensitivity estimator: keep 'sensitivity' in metrics "
+            "and use estimator='fisher' (or 'both')."
+        )
+    return check_ranks(ranks)
 
 
 def prepare_samples(calibration: Any, processor: Any, config: Any, max_length: int | None, base_dir: Any) -> list[CalibrationSample]:

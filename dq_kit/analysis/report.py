@@ -17,14 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
-from ..errors import AnalysisError
+from ..errors import AnalysisError, DQError
 from ..files import read_json, write_json
+from ..quant.corrections import read_factors, write_factors
 from ..quant.memory import nf4_weight_bytes
 
 REPORT_FORMAT = "dq_kit.quant_report"
 REPORT_VERSION = 1
-ID_COLUMNS = ("module", "tower", "group", "layer", "numel", "bytes_16bit", "bytes_nf4")
+ID_COLUMNS = ("module", "tower", "group", "layer", "numel", "bytes_16bit", "bytes_nf4", "in_features", "out_features")
+GAIN_PREFIX = "gain_r"  # column gain_r<rank>: Fisher KL removed by a rank-<rank> correction (nats/token)
+CORRECTIONS_SUFFIX = ".corrections.safetensors"
 BLOCK_COLUMNS = ("block", "tower", "layer", "act_local_error", "act_accum_error", "nonfinite_samples")
 # Which metric ranks modules by default, best first.
 _RANKING = ("sensitivity", "sensitivity_loo", "act_accum_error", "act_local_error", "weight_error")
@@ -42,6 +46,10 @@ class QuantReport:
             ``act_accum_error``.
         meta: model_type, family, quant settings, calibration size and tokens, measured KL of
             uniform 4-bit (``kl_uniform``), timings, dq_kit version.
+        corrections: with ``analyze(..., corrections=True)``, ``{module: (A, B)}``: bf16 factors of
+            the activation-weighted low-rank correction at the largest fitted rank (``deq + B @ A``);
+            the table then has ``in_features``, ``out_features`` and a ``gain_r<rank>`` column per
+            menu rank (the Fisher KL that correction removes, same units as ``sensitivity``).
 
     ``sensitivity`` is in nats per scored token; ``meta["kl_uniform"]`` is the measured KL of the
     all-4-bit model on the same calibration set, which the sum of ``sensitivity`` approximates.
@@ -53,12 +61,19 @@ class QuantReport:
         ['b']
     """
 
-    def __init__(self, table: pd.DataFrame, blocks: pd.DataFrame | None = None, meta: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        table: pd.DataFrame,
+        blocks: pd.DataFrame | None = None,
+        meta: dict[str, Any] | None = None,
+        corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> None:
         if "module" not in table.columns:
             raise AnalysisError("A QuantReport table needs a 'module' column of exact module names.")
         self.table = table.reset_index(drop=True)
         self.blocks = blocks if blocks is not None else pd.DataFrame(columns=list(BLOCK_COLUMNS))
         self.meta = dict(meta or {})
+        self.corrections = dict(corrections or {})
 
     # ---- access ------------------------------------------------------------------------------
 
@@ -72,6 +87,21 @@ class QuantReport:
     def metrics(self) -> list[str]:
         """Metric columns present in the table."""
         return [c for c in self.table.columns if c not in ID_COLUMNS and c != "issues"]
+
+    @property
+    def correction_ranks(self) -> list[int]:
+        """Ranks of the correction menu (``gain_r<rank>`` columns); empty without corrections.
+
+        Example:
+            >>> QuantReport(pd.DataFrame({"module": ["a"], "gain_r8": [0.1], "gain_r4": [0.05]})).correction_ranks
+            [4, 8]
+        """
+        return sorted(int(c[len(GAIN_PREFIX):]) for c in self.table.columns if c.startswith(GAIN_PREFIX) and c[len(GAIN_PREFIX):].isdigit())
+
+    @property
+    def has_corrections(self) -> bool:
+        """Whether the report carries fitted corrections (gains and factors)."""
+        return bool(self.correction_ranks) and bool(self.corrections)
 
     def default_metric(self) -> str:
         """The column :meth:`worst` ranks by when none is given: sensitivity if measured, else activation, else weight error."""
@@ -144,7 +174,8 @@ class QuantReport:
         return cls(table, blocks, data.get("meta") or {})
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the report as JSON (atomically: a reader never sees half a file).
+        """Write the report as JSON (atomically: a reader never sees half a file); correction factors,
+        if any, go beside it in ``<name>.corrections.safetensors`` (``r.json`` -> ``r.corrections.safetensors``).
 
         Example:
             >>> import tempfile, os, pandas as pd
@@ -153,12 +184,29 @@ class QuantReport:
             >>> QuantReport.load(path).table["module"].tolist()
             ['a']
         """
-        return write_json(path, self.to_dict())
+        data = self.to_dict()
+        if self.corrections:
+            factors = corrections_path(path)
+            data["meta"]["corrections_file"] = factors.name
+            write_factors(factors, self.corrections)
+        return write_json(path, data)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QuantReport:
-        """Read a report saved by :meth:`save`; a missing or corrupt file raises :class:`AnalysisError`."""
-        return cls.from_dict(read_json(path, "Report", AnalysisError))
+        """Read a report saved by :meth:`save` (and its correction factors); a missing or corrupt
+        file, or factors that do not match the report, raise :class:`AnalysisError`."""
+        report = cls.from_dict(read_json(path, "Report", AnalysisError))
+        if report.meta.get("corrections_file"):
+            factors = Path(path).parent / report.meta["corrections_file"]
+            shapes = {}
+            if {"in_features", "out_features"} <= set(report.table.columns):
+                rows = report.table.dropna(subset=["in_features", "out_features"])
+                shapes = {r.module: (int(r.out_features), int(r.in_features)) for r in rows.itertuples()}
+            try:
+                report.corrections = read_factors(factors, shapes)
+            except DQError as exc:
+                raise AnalysisError(str(exc)) from None
+        return report
 
     # ---- display -----------------------------------------------------------------------------
 
@@ -196,6 +244,17 @@ class QuantReport:
         return "<pre>" + self.summary() + "</pre>" + self.table.to_html(max_rows=40)
 
 
+def corrections_path(report_path: str | os.PathLike) -> Path:
+    """Where the correction factors of the report at ``report_path`` live.
+
+    Example:
+        >>> corrections_path("/tmp/r.json").name
+        'r.corrections.safetensors'
+    """
+    path = Path(report_path)
+    return path.with_name((path.stem if path.suffix == ".json" else path.name) + CORRECTIONS_SUFFIX)
+
+
 def _clean(value: Any) -> Any:
     if isinstance(value, float) and not math.isfinite(value):
         return None
@@ -222,6 +281,9 @@ def build_report(
     block_layers: dict[str, tuple[str, int | None]],
     meta: dict[str, Any],
     double_quant: bool = True,
+    corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    gains: dict[str, dict[int, float]] | None = None,
+    ranks: tuple[int, ...] = (),
 ) -> QuantReport:
     """Assemble a :class:`QuantReport` from per-module measurements (used by both analysis modes).
 
@@ -234,6 +296,8 @@ def build_report(
         block_layers: ``{block: (tower, layer)}``.
         meta: report metadata.
         double_quant: whether ``bytes_nf4`` counts double-quantized scales.
+        corrections, gains, ranks: fitted factors ``{module: (A, B)}``, their Fisher gains
+            ``{module: {rank: nats}}`` and the rank menu (``analyze(..., corrections=True)``).
     """
     rows = []
     for info in infos:
@@ -255,6 +319,10 @@ def build_report(
             row.update(values)
         for column, values in sensitivities.items():
             row[column] = values.get(info.name, float("nan"))
+        if ranks:
+            row["in_features"], row["out_features"] = info.in_features, info.out_features
+            for rank in ranks:
+                row[f"{GAIN_PREFIX}{rank}"] = (gains or {}).get(info.name, {}).get(rank, float("nan"))
         row["issues"] = "; ".join(issues.get(info.name, []))
         rows.append(row)
     table = pd.DataFrame(rows)
@@ -266,4 +334,6 @@ def build_report(
             block_rows.append({"block": block, "tower": tower, "layer": layer, **values})
     blocks = pd.DataFrame(block_rows, columns=list(BLOCK_COLUMNS))
     blocks["layer"] = blocks["layer"].astype("Int64")
-    return QuantReport(table, blocks, meta)
+    if ranks:
+        meta = {**meta, "correction_ranks": list(ranks)}
+    return QuantReport(table, blocks, meta, corrections)

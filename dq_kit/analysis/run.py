@@ -28,6 +28,7 @@ from .activations import ActivationProbe, block_names, swapped
 from .common import (
     METRICS,
     base_meta,
+    check_correction_options,
     check_options,
     device_dtype,
     finite_rows,
@@ -39,6 +40,7 @@ from .common import (
     quantizable_modules,
     tower_and_layer_of_blocks,
 )
+from .corrections import DEFAULT_RANKS, fit_corrections
 from .report import QuantReport, build_report
 from .sensitivity import FisherAccumulator, kl_sum, sample_labels, spearman, top1_agreement
 from .sequential import analyze_sequential
@@ -57,6 +59,8 @@ def analyze(
     double_quant: bool = True,
     estimator: str = "fisher",
     sequential: bool = False,
+    corrections: bool = False,
+    ranks: Sequence[int] = DEFAULT_RANKS,
     max_length: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -85,6 +89,13 @@ def analyze(
             downloaded); peak memory is about one layer, the embeddings and vision tower, and the
             calibration activations. Same numbers as the whole-model analysis (see
             :mod:`dq_kit.analysis.sequential`).
+        corrections: also fit, for every quantizable Linear, the activation-weighted low-rank
+            correction of its 4-bit error (see :mod:`dq_kit.analysis.corrections`) and record, per
+            rank of ``ranks``, the Fisher KL it removes (``gain_r<rank>`` columns) and its bf16 factors
+            (``report.corrections``), so that :func:`dq_kit.plan` can choose NF4 + correction. Needs
+            the ``"sensitivity"`` metric with the Fisher estimator; costs one extra no-grad pass
+            over the calibration set per group of modules whose input second moments fit in 1 GiB.
+        ranks: the correction menu (each capped at ``min(in, out)``); default ``(4, 8, 16, 32, 64)``.
         max_length: truncate text-only calibration samples to this many tokens.
         seed: seed of the Fisher label sampling.
         progress: show ``tqdm`` progress bars.
@@ -105,11 +116,12 @@ def analyze(
     started = time.perf_counter()
     processor, calibration = processor_second(processor, calibration, "analyze")
     metrics = check_options(metrics, quant_type, blocksize, estimator)
+    ranks = check_correction_options(corrections, ranks, metrics, estimator)
     if sequential:
         return analyze_sequential(
             model, calibration, processor, metrics, quant_type, blocksize,
             double_quant=double_quant, estimator=estimator, max_length=max_length, seed=seed,
-            progress=progress, base_dir=base_dir,
+            progress=progress, base_dir=base_dir, ranks=ranks,
         )
     if isinstance(model, (str, os.PathLike)):
         model, loaded_processor = load(model, quant="16bit", processor=processor is None)
@@ -140,11 +152,17 @@ def analyze(
     activations = None
     sensitivities: dict[str, dict[str, float]] = {}
     blocks: dict[str, list[str]] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    gains: dict[str, dict[int, float]] = {}
     if need_forward:
         samples = prepare_samples(calibration, processor, model.config, max_length, base_dir)
         blocks = block_names(model, [info.name for info in infos])
+        if ranks:
+            tick = time.perf_counter()
+            factors = _fit(model, samples, dequantized, ranks, issues, progress)
+            timings["corrections_s"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        outcome = _calibration_pass(model, samples, dequantized, blocks, metrics, estimator, seed, progress)
+        outcome = _calibration_pass(model, samples, dequantized, blocks, metrics, estimator, seed, progress, factors, ranks)
         timings["calibration_pass_s"] = time.perf_counter() - tick
         if "activation" in metrics:
             activations = outcome["activations"]
@@ -153,6 +171,7 @@ def analyze(
         if "sensitivity" in metrics:
             if estimator in ("fisher", "both"):
                 sensitivities["sensitivity"] = outcome["fisher"].scores(num_tokens)
+                gains = outcome["fisher"].gains(num_tokens)
             if estimator in ("loo", "both"):
                 tick = time.perf_counter()
                 loo = leave_one_out(model, samples, dequantized, progress)
@@ -166,11 +185,44 @@ def analyze(
     block_layers = tower_and_layer_of_blocks(blocks, infos)
     timings["total_s"] = time.perf_counter() - started
     meta["timing"] = timings
-    report = build_report(infos, weight_rows, activations, sensitivities, issues, block_layers, meta, double_quant)
+    report = build_report(infos, weight_rows, activations, sensitivities, issues, block_layers, meta, double_quant,
+                          corrections=factors, gains=gains, ranks=ranks)
     if sensitivities:
         report.meta["sensitivity_sum"] = float(report.table["sensitivity"].sum())
     return report
 
+
+
+def _fit(
+    model: nn.Module,
+    samples: list[CalibrationSample],
+    dequantized: dict[str, torch.Tensor],
+    ranks: tuple[int, ...],
+    issues: dict[str, list[str]],
+    progress: bool,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Correction factors of every finite weight, from 16-bit no-grad passes over the calibration set."""
+    device, dtype = device_dtype(model)
+    modules = dict(model.named_modules())
+    linears = {name: modules[name] for name in dequantized if name not in issues}
+
+    def run() -> None:
+        with torch.no_grad():
+            for index, sample in enumerate(samples):
+                forward_logits(model, model_inputs(sample, device, dtype), index)
+
+    def delta(name: str) -> torch.Tensor:
+        return linears[name].weight.detach().float() - dequantized[name].float()
+
+    was_training = model.training
+    model.eval()
+    try:
+        factors, notes = fit_corrections(linears, delta, run, ranks, progress=progress)
+    finally:
+        model.train(was_training)
+    for name, lines in notes.items():
+        issues.setdefault(name, []).extend(lines)
+    return factors
 
 
 def _calibration_pass(
@@ -182,13 +234,15 @@ def _calibration_pass(
     estimator: str,
     seed: int,
     progress: bool,
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ranks: Sequence[int] = (),
 ) -> dict[str, Any]:
-    """Per sample: a 16-bit forward (+ backward for Fisher) and an all-4-bit forward, with hooks."""
+    """Per sample: a 16-bit forward (+ backward for Fisher, which also scores the corrections) and an all-4-bit forward, with hooks."""
     fisher_wanted = "sensitivity" in metrics and estimator in ("fisher", "both")
     device, dtype = device_dtype(model)
     modules = dict(model.named_modules())
     weights = {name: modules[name].weight for name in dequantized}
-    fisher = FisherAccumulator(weights, dequantized)
+    fisher = FisherAccumulator(weights, dequantized, factors, ranks)
     generator = torch.Generator().manual_seed(seed)
     probe = ActivationProbe(model, dequantized, blocks if "activation" in metrics else {}, local="activation" in metrics)
     was_training = model.training

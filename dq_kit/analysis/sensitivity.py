@@ -22,8 +22,11 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+
+from .corrections import residual_ranks
 
 __all__ = ["FisherAccumulator", "kl_sum", "sample_labels", "spearman", "top1_agreement"]
 
@@ -83,10 +86,19 @@ class FisherAccumulator:
         0.125
     """
 
-    def __init__(self, weights: dict[str, torch.nn.Parameter], dequantized: dict[str, torch.Tensor]) -> None:
+    def __init__(
+        self,
+        weights: dict[str, torch.nn.Parameter],
+        dequantized: dict[str, torch.Tensor],
+        corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
+        ranks: Sequence[int] = (),
+    ) -> None:
         self.weights = weights
         self.dequantized = dequantized
+        self.corrections = corrections or {}
+        self.ranks = tuple(ranks)
         self.totals: dict[str, float] = {}
+        self.rank_totals: dict[str, dict[int, float]] = {}
 
     def accumulate(self) -> None:
         """Add this sample's ``Σ (g ⊙ ΔW)²`` for every weight with a gradient, and reset the gradients."""
@@ -94,9 +106,23 @@ class FisherAccumulator:
             for name, weight in self.weights.items():
                 if weight.grad is None:
                     continue
+                grad = weight.grad.float()
                 delta = self.dequantized[name].float() - weight.detach().float()
-                self.totals[name] = self.totals.get(name, 0.0) + float((weight.grad.float() * delta).pow(2).sum())
+                self.totals[name] = self.totals.get(name, 0.0) + float((grad * delta).pow(2).sum())
+                if name in self.corrections:
+                    self._accumulate_ranks(name, grad, delta)
                 weight.grad = None
+
+    def _accumulate_ranks(self, name: str, grad: torch.Tensor, delta: torch.Tensor) -> None:
+        """``Σ (g ⊙ (ΔW_4bit + B_r·A_r))²`` for every menu rank the module's correction provides."""
+        a, b = self.corrections[name]
+        a, b = a.to(delta.device, torch.float32), b.to(delta.device, torch.float32)
+        totals = self.rank_totals.setdefault(name, {})
+        done = 0
+        for rank in residual_ranks(a.shape[0], self.ranks):
+            delta = delta + b[:, done:rank] @ a[done:rank]
+            done = rank
+            totals[rank] = totals.get(rank, 0.0) + float((grad * delta).pow(2).sum())
 
     def scores(self, num_tokens: int) -> dict[str, float]:
         """``½ Σ F ⊙ ΔW² / num_tokens`` per weight (nats per scored token); 0 for a weight no gradient reached."""
@@ -109,6 +135,26 @@ class FisherAccumulator:
             value = 0.5 * total / num_tokens
             out[name] = value if math.isfinite(value) else float("nan")
         return out
+
+    def gains(self, num_tokens: int) -> dict[str, dict[int, float]]:
+        """Per corrected weight and rank, the Fisher KL a rank-r correction removes: ``½ Σ F ⊙ (ΔW² - residual²) / num_tokens``.
+
+        Same estimator and units as :meth:`scores`, so a module's gain at rank r and its score add up:
+        the gain is never more than the score, and can be negative for a correction that hurts.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.zeros(2, 2))
+            >>> fix = (torch.tensor([[1.0, 0.0]]).T, torch.tensor([[1.0], [0.0]]))   # A (1x2), B (2x1): B·A = e00
+            >>> acc = FisherAccumulator({"m": w}, {"m": -torch.eye(2)}, {"m": (fix[0].T, fix[1])}, ranks=[1])
+            >>> w.sum().backward(); acc.accumulate()
+            >>> acc.scores(1)["m"], acc.gains(1)["m"]
+            (1.0, {1: 0.5})
+        """
+        scores = self.scores(num_tokens)
+        return {
+            name: {rank: scores[name] - 0.5 * total / num_tokens for rank, total in totals.items()}
+            for name, totals in self.rank_totals.items() if num_tokens
+        }
 
 
 def spearman(a, b) -> float:

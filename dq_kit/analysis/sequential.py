@@ -65,6 +65,7 @@ from .common import (
     sample_errors,
     tower_and_layer_of_blocks,
 )
+from .corrections import InputMoments, fit_corrections, fit_from_moments
 from .report import QuantReport, build_report
 from .safetensors_reader import Checkpoint
 from .sensitivity import FisherAccumulator, kl_sum, sample_labels, top1_agreement
@@ -278,8 +279,10 @@ def analyze_sequential(
     seed: int,
     progress: bool,
     base_dir: str | os.PathLike | None,
+    ranks: tuple[int, ...] = (),
 ) -> QuantReport:
-    """Block-at-a-time :func:`dq_kit.analyze` of a checkpoint folder or hub id (see the module docstring)."""
+    """Block-at-a-time :func:`dq_kit.analyze` of a checkpoint folder or hub id (see the module docstring);
+    with ``ranks``, corrections are fitted as the 16-bit stream passes each layer."""
     started = time.perf_counter()
     if isinstance(model, nn.Module):
         raise AnalysisError(
@@ -289,7 +292,7 @@ def analyze_sequential(
     if "sensitivity" in metrics and estimator != "fisher":
         raise AnalysisError("Leave-one-out needs the whole model in memory; use estimator='fisher' with sequential=True.")
     path = _checkpoint_folder(model)
-    run = _Run(path, metrics, {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}, seed, progress)
+    run = _Run(path, metrics, {"quant_type": quant_type, "blocksize": blocksize, "double_quant": double_quant}, seed, progress, ranks)
     if processor is None:
         processor = load_processor(path, run.config)
     need_forward = bool({"activation", "sensitivity"} & set(metrics))
@@ -308,7 +311,8 @@ def analyze_sequential(
 class _Run:
     """One sequential analysis: the front, then the layers one by one, the head, and back for the Fisher."""
 
-    def __init__(self, path: Path, metrics: Sequence[str], settings: dict[str, Any], seed: int, progress: bool) -> None:
+    def __init__(self, path: Path, metrics: Sequence[str], settings: dict[str, Any], seed: int, progress: bool,
+                 ranks: tuple[int, ...] = ()) -> None:
         self.config = resolve_config(path)
         self.skeleton = meta_model(self.config, buffers=True).eval()
         self.layout = _Layout.of(self.skeleton)
@@ -333,6 +337,9 @@ class _Run:
         self.module_acts: dict[str, dict[str, float]] = {}
         self.block_acts: dict[str, dict[str, float]] = {}
         self.scores: dict[str, float] = {}
+        self.ranks = ranks
+        self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.gains: dict[str, dict[int, float]] = {}
         self.kl: dict[str, Any] = {"kl": 0.0, "top1": 0, "num_tokens": 0, "nonfinite_positions": 0}
         self.samples: list[Any] = []
         self.timings: dict[str, float] = {}
@@ -366,6 +373,8 @@ class _Run:
                     param.requires_grad_(False)
                 for name in self.front_names:
                     front.get_submodule(name).weight.requires_grad_(self.track_front)
+                if self.ranks and self.front_names:
+                    self._fit_front(front, samples)
                 probe = ActivationProbe(front, self.front_deq, self.front_blocks if self.local else {}, local=self.local)
                 with probe:
                     for index, sample in enumerate(progress_bar(samples, self.progress, "Sequential: front (embeddings, vision)")):
@@ -383,6 +392,42 @@ class _Run:
                 _Weights.free(front, only=self.layout.in_front)
         return traces16, tracesq
 
+    def _fit_front(self, front: nn.Module, samples: list[Any]) -> None:
+        """Corrections of the front's Linears (vision tower, projector), from no-grad 16-bit front passes."""
+        linears = {name: front.get_submodule(name) for name in self.front_names if name not in self.issues}
+
+        def run() -> None:
+            with torch.no_grad():
+                for index, sample in enumerate(samples):
+                    _record(self.layout, model_inputs(sample, self.device, self.dtype), index, grad=False)
+
+        def delta(name: str) -> torch.Tensor:
+            return linears[name].weight.detach().float() - self.front_deq[name].float()
+
+        factors, notes = fit_corrections(linears, delta, run, self.ranks, progress=self.progress)
+        self.factors.update(factors)
+        for name, lines in notes.items():
+            self.issues.setdefault(name, []).extend(lines)
+
+    def _fit_layer(self, layer_name: str, layer: nn.Module, position: int, relative: dict[str, torch.Tensor],
+                   h16: list[torch.Tensor], traces16: list[_Trace]) -> None:
+        """Corrections of one layer's Linears from its 16-bit inputs (a pass of its own, so that nothing
+        else running inside the layer, such as the activation probe's 4-bit replay, is recorded)."""
+        linears = {name: layer.get_submodule(name) for name in relative if f"{layer_name}.{name}" not in self.issues}
+
+        def delta(name: str) -> torch.Tensor:
+            return linears[name].weight.detach().float() - relative[name].float()
+
+        with torch.no_grad(), InputMoments(linears) as moments:
+            for index, trace in enumerate(traces16):
+                if position in trace.calls:
+                    args, kwargs = trace.arguments(position)
+                    layer(h16[index], *args, **kwargs)
+        factors, notes = fit_from_moments(moments, delta, self.ranks)
+        self.factors.update({f"{layer_name}.{name}": value for name, value in factors.items()})
+        for name, lines in notes.items():
+            self.issues.setdefault(f"{layer_name}.{name}", []).extend(lines)
+
     def layers(self, samples: list[Any], traces16: list[_Trace], tracesq: list[_Trace]) -> tuple[list, list, list]:
         """Each layer once, in order: weight metrics, then the 16-bit and the 4-bit stream through it."""
         h16 = [trace.hidden for trace in traces16]
@@ -396,6 +441,8 @@ class _Run:
                 if samples:
                     if self.fisher:
                         saved_inputs.append(list(h16))
+                    if self.ranks:
+                        self._fit_layer(layer_name, layer, position, relative, h16, traces16)
                     probe = ActivationProbe(layer, relative, {"": list(relative)} if self.local else {}, local=self.local)
                     with torch.no_grad(), probe:
                         for index in range(len(samples)):
@@ -458,7 +505,10 @@ class _Run:
                 params = {_relative(name, names[position]): self.skeleton.get_submodule(name).weight for name in self.layer_linears[names[position]]}
                 for param in params.values():
                     param.requires_grad_(True)
-                fisher = FisherAccumulator(params, {name: measure_weight(param, **self.settings)[0] for name, param in params.items()})
+                prefix = f"{names[position]}."
+                factors = {name[len(prefix):]: value for name, value in self.factors.items() if name.startswith(prefix)}
+                fisher = FisherAccumulator(params, {name: measure_weight(param, **self.settings)[0] for name, param in params.items()},
+                                           factors, self.ranks)
                 for index in range(len(samples)):
                     if position not in traces16[index].calls:
                         continue
@@ -468,6 +518,7 @@ class _Run:
                     fisher.accumulate()
                     grads[index] = x.grad
                 self.scores.update({f"{names[position]}.{name}": value for name, value in fisher.scores(self.kl["num_tokens"]).items()})
+                self.gains.update({f"{names[position]}.{name}": value for name, value in fisher.gains(self.kl["num_tokens"]).items()})
                 del fisher, params
                 _Weights.free(layer)
         return grads
@@ -478,7 +529,8 @@ class _Run:
             return
         with self._timed("fisher_front_s"):
             front = self.skeleton
-            fisher = FisherAccumulator({name: front.get_submodule(name).weight for name in self.front_names}, self.front_deq)
+            fisher = FisherAccumulator({name: front.get_submodule(name).weight for name in self.front_names}, self.front_deq,
+                                       {name: self.factors[name] for name in self.front_names if name in self.factors}, self.ranks)
             for index, sample in enumerate(progress_bar(samples, self.progress, "Sequential: Fisher backward, front")):
                 trace = _record(self.layout, model_inputs(sample, self.device, self.dtype), index, grad=True)
                 outputs = [trace.hidden] if trace.hidden.requires_grad else []
@@ -491,6 +543,7 @@ class _Run:
                     torch.autograd.backward(outputs, gradients)
                 fisher.accumulate()
             self.scores.update(fisher.scores(self.kl["num_tokens"]))
+            self.gains.update(fisher.gains(self.kl["num_tokens"]))
             _Weights.free(front, only=self.layout.in_front)
 
     def report(self, estimator: str, started: float) -> QuantReport:
@@ -504,7 +557,7 @@ class _Run:
         meta["timing"] = self.timings
         blocks = {**self.front_blocks, **{name: inside for name, inside in self.layer_linears.items() if inside}}
         report = build_report(self.infos, weights, activations, sensitivities, self.issues, tower_and_layer_of_blocks(blocks, self.infos),
-                              meta, self.settings["double_quant"])
+                              meta, self.settings["double_quant"], corrections=self.factors, gains=self.gains, ranks=self.ranks)
         if sensitivities:
             report.meta["sensitivity_sum"] = float(report.table["sensitivity"].sum())
         return report

@@ -21,18 +21,22 @@ import numpy as np
 from ..errors import PlanError
 from ..units import human_bytes
 
-__all__ = ["BUCKETS", "Item", "select_within"]
+__all__ = ["BUCKETS", "Item", "select_options", "select_within"]
 
 BUCKETS = 4096
 
 
 @dataclass(frozen=True)
 class Item:
-    """One decision: the modules it keeps in 16-bit, the value of keeping them, and their extra bytes."""
+    """One decision: the modules it concerns, the value of taking it, and its extra bytes.
+
+    ``rank`` 0 keeps the modules in 16-bit; a positive ``rank`` gives each of them an NF4 + rank-r correction.
+    """
 
     names: tuple[str, ...]
     value: float
     cost: int
+    rank: int = 0
 
 
 def select_within(items: list[Item], capacity: int, forced_cost: int) -> list[Item]:
@@ -43,7 +47,21 @@ def select_within(items: list[Item], capacity: int, forced_cost: int) -> list[It
 
     Example:
         >>> select_within([Item(("a",), 1.0, 10), Item(("b",), 0.5, 4)], capacity=12, forced_cost=0)
-        [Item(names=('a',), value=1.0, cost=10)]
+        [Item(names=('a',), value=1.0, cost=10, rank=0)]
+    """
+    return select_options([[item] for item in items], capacity, forced_cost)
+
+
+def select_options(groups: list[list[Item]], capacity: int, forced_cost: int) -> list[Item]:
+    """Multiple-choice knapsack: at most one item of each group, the most valuable total that fits.
+
+    Each group holds the alternatives for one module (or fused set): 16-bit, NF4 + rank-r
+    correction for several r, ...; taking none leaves it at plain NF4. Errors as :func:`select_within`.
+
+    Example:
+        >>> menu = [[Item(("a",), 1.0, 10), Item(("a",), 0.8, 2, rank=8)], [Item(("b",), 0.5, 6)]]
+        >>> [(i.names, i.rank) for i in select_options(menu, capacity=9, forced_cost=0)]
+        [(('a',), 8), (('b',), 0)]
     """
     room = capacity - forced_cost
     if room < 0:
@@ -51,7 +69,9 @@ def select_within(items: list[Item], capacity: int, forced_cost: int) -> list[It
             f"The modules forced to 16-bit (keep=/preset) cost {forced_cost / 2**20:.1f} MiB, more than the "
             f"budget of {capacity / 2**20:.1f} MiB. Raise the budget or force fewer modules."
         )
-    affordable = [i for i in items if i.cost <= room and i.value > 0]
+    items = [item for group in groups for item in group]
+    affordable = [[i for i in group if i.cost <= room and i.value > 0] for group in groups]
+    affordable = [group for group in affordable if group]
     if capacity > 0 and not affordable and items:
         cheapest = min(items, key=lambda i: i.cost)
         raise PlanError(
@@ -62,19 +82,24 @@ def select_within(items: list[Item], capacity: int, forced_cost: int) -> list[It
         return []
     unit = max(room / BUCKETS, 1.0)
     size = int(room // unit)
-    weights = [math.ceil(i.cost / unit) for i in affordable]
     best = np.zeros(size + 1)
-    took = np.zeros((len(affordable), size + 1), dtype=bool)
-    for k, (item, w) in enumerate(zip(affordable, weights)):
-        if w > size:
-            continue
-        candidate = best[: size + 1 - w] + item.value
-        better = candidate > best[w:]
-        took[k, w:] = better
-        best[w:] = np.where(better, candidate, best[w:])
+    took = np.full((len(affordable), size + 1), -1, dtype=np.int16)
+    for g, group in enumerate(affordable):
+        updated = best.copy()
+        for k, item in enumerate(group):
+            w = math.ceil(item.cost / unit)
+            if w > size:
+                continue
+            candidate = best[: size + 1 - w] + item.value
+            better = candidate > updated[w:]
+            took[g, w:][better] = k
+            updated[w:] = np.where(better, candidate, updated[w:])
+        best = updated
     chosen, c = [], size
-    for k in range(len(affordable) - 1, -1, -1):
-        if took[k, c]:
-            chosen.append(affordable[k])
-            c -= weights[k]
+    for g in range(len(affordable) - 1, -1, -1):
+        k = took[g, c]
+        if k >= 0:
+            item = affordable[g][k]
+            chosen.append(item)
+            c -= math.ceil(item.cost / unit)
     return chosen[::-1]

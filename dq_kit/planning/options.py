@@ -19,7 +19,9 @@ from typing import Any
 
 from ..errors import PlanError
 
-__all__ = ["PlanOptions"]
+__all__ = ["MENUS", "PlanOptions"]
+
+MENUS = ("auto", "full", "keep", "corrections")
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,11 @@ class PlanOptions:
     preset: bool = field(default=False, metadata={"help": "start from the architecture preset, add automatic picks on top"})
     score: str = field(default="sensitivity", metadata={"help": "report column to maximise (estimated KL removed, in nats)"})
     fuse: bool = field(default=False, metadata={"help": "q/k/v and gate/up projections of one block share a decision"})
+    menu: str = field(
+        default="auto",
+        metadata={"help": "per-module choices: 'full' (NF4, NF4 + low-rank correction, 16-bit), 'keep' (NF4 or 16-bit), "
+                          "'corrections' (NF4 or NF4 + correction); 'auto' is 'full' for a report with corrections, else 'keep'"},
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", _patterns(self.keep, "keep"))
@@ -62,6 +69,10 @@ class PlanOptions:
             raise PlanError("top_k must be >= 0.")
         if not isinstance(self.score, str) or not self.score:
             raise PlanError(f"score must be the name of a report column, got {self.score!r}.")
+        if self.menu not in MENUS:
+            raise PlanError(f"menu must be one of {MENUS}, got {self.menu!r}.")
+        if self.menu in ("full", "corrections") and self.mode != "budget":
+            raise PlanError(f"menu={self.menu!r} chooses corrections under a budget: use budget= or budget_bytes=, not threshold= or top_k=.")
 
     @property
     def mode(self) -> str:
@@ -80,6 +91,22 @@ class PlanOptions:
         """
         if self.mode != "budget":
             raise PlanError(f"{what} works with budget= or budget_bytes=, not threshold= or top_k=.")
+
+    def resolved_menu(self, has_corrections: bool) -> str:
+        """The menu to plan with for a report with or without corrections (``"auto"`` resolved).
+
+        Example:
+            >>> PlanOptions().resolved_menu(True), PlanOptions(top_k=3).resolved_menu(True)
+            ('full', 'keep')
+        """
+        if self.menu == "auto":
+            return "full" if has_corrections and self.mode == "budget" else "keep"
+        if self.menu != "keep" and not has_corrections:
+            raise PlanError(
+                f"menu={self.menu!r} needs a report with corrections: re-run dq.analyze(..., corrections=True) "
+                "(or keep its .corrections.safetensors file beside the report JSON)."
+            )
+        return self.menu
 
     def capacity(self, bytes_4bit: int) -> int:
         """The budget in bytes for a model whose all-NF4 footprint is ``bytes_4bit``.

@@ -41,10 +41,12 @@ def plan(
     preset: bool = False,
     score: str = "sensitivity",
     fuse: bool = False,
+    menu: str = "auto",
     refine: dict[str, Any] | None = None,
     options: PlanOptions | None = None,
 ) -> Plan:
-    """Keep in 16-bit the modules that recover the most estimated quality per extra byte.
+    """Spend a memory budget where it recovers the most estimated quality per byte: 16-bit keeps
+    and, with a report that has them, NF4 + low-rank corrections.
 
     Args:
         report: a :class:`dq_kit.QuantReport` from :func:`dq_kit.analyze`.
@@ -67,7 +69,8 @@ def plan(
             option arguments are ignored).
 
     Returns:
-        A :class:`Plan` whose ``reasons`` record each kept module's score, rank and byte cost.
+        A :class:`Plan` whose ``reasons`` record each chosen module's choice (``"16bit"`` or
+        ``"nf4+r<rank>"``), score, rank and byte cost.
 
     Example:
         >>> import dq_kit as dq
@@ -81,7 +84,7 @@ def plan(
     if options is None:
         options = PlanOptions(
             budget=budget, budget_bytes=budget_bytes, threshold=threshold, top_k=top_k, keep=keep, quantize=quantize,
-            preset=preset, score=score, fuse=fuse,
+            preset=preset, score=score, fuse=fuse, menu=menu,
         )
     if refine is None:
         return plan_from_report(report, options)

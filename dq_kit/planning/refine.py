@@ -339,7 +339,10 @@ class Refiner:
         report = self.report
         score = options.score
         column = score if score in report.table.columns else "weight_error"
-        options = options.replace(score=column)
+        if options.menu in ("full", "corrections"):
+            raise PlanError(f"refine= measures plans of 16-bit keeps only; use menu='keep' (got menu={options.menu!r}), "
+                            "or plan corrections from the report without refine=.")
+        options = options.replace(score=column, menu="keep")
         base = plan_from_report(report, options, bytes_4bit=self.bytes_4bit, output_heads=self.output_heads)
         capacity = options.capacity(self.bytes_4bit)
         rows = report.table.rename(columns={"module": "name"}).set_index("name")

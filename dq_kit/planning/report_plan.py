@@ -19,11 +19,12 @@ import pandas as pd
 
 from ..errors import PlanError
 from ..models import registry
+from ..quant.memory import correction_bytes
 from ..quant.plan import Plan, matches_skip_pattern
-from .knapsack import Item, select_within
+from .knapsack import Item, select_options
 from .options import PlanOptions
 
-__all__ = ["candidate_items", "expand_patterns", "extra_bytes", "plan_from_report", "predicted_kl"]
+__all__ = ["candidate_items", "expand_patterns", "extra_bytes", "menu_groups", "option_cost", "option_gain", "plan_from_report", "predicted_kl"]
 
 FUSED_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
@@ -55,17 +56,18 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
 
     rows = frame.set_index("name")
     candidates = [n for n in names if n not in forced_keep and n not in forced_quantize and n not in base.fixed]
-    items = candidate_items(rows, candidates, score, options.fuse)
+    menu = options.resolved_menu(bool(getattr(report, "has_corrections", False)))
     forced_cost = int(sum(extra_bytes(rows, n) for n in forced_keep))
 
     mode = options.mode
     if mode == "threshold":
-        chosen = [i for i in items if i.value >= options.threshold]
+        chosen = [i for i in candidate_items(rows, candidates, score, options.fuse) if i.value >= options.threshold]
     elif mode == "top_k":
-        chosen = sorted(items, key=lambda i: -i.value)[: options.top_k]
+        chosen = sorted(candidate_items(rows, candidates, score, options.fuse), key=lambda i: -i.value)[: options.top_k]
     else:
         total_4bit = bytes_4bit if bytes_4bit is not None else report.meta["bytes_4bit"]
-        chosen = select_within(items, options.capacity(total_4bit), forced_cost)
+        groups = menu_groups(report, rows, candidates, score, options.fuse, menu)
+        chosen = select_options(groups, options.capacity(total_4bit), forced_cost)
 
     ranks = {name: rank for rank, name in enumerate(frame.sort_values(score, ascending=False)["name"], start=1)}
     reasons = dict(base.reasons)
@@ -75,12 +77,15 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
         for name in item.names:
             reasons[name] = {
                 "rule": mode,
+                "choice": f"nf4+r{item.rank}" if item.rank else "16bit",
                 score: float(rows.at[name, score]),
                 "rank": ranks[name],
-                "extra_bytes": extra_bytes(rows, name),
+                "extra_bytes": option_cost(rows, name, item.rank),
             }
+            if item.rank:
+                reasons[name]["gain"] = option_gain(rows, name, item.rank, score)
     return Plan(
-        keep=tuple(forced_keep | {n for item in chosen for n in item.names}),
+        keep=tuple(forced_keep | {n for item in chosen if not item.rank for n in item.names}),
         fixed=base.fixed,
         model_type=base.model_type,
         family=base.family,
@@ -88,13 +93,77 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
         double_quant=report.meta.get("double_quant", base.double_quant),
         source=mode,
         reasons=reasons,
+        corrections={n: item.rank for item in chosen if item.rank for n in item.names},
     )
+
+
+def menu_groups(report: Any, rows: Any, candidates: list[str], score: str, fuse: bool, menu: str) -> list[list[Item]]:
+    """One group of alternatives per module (or fused set): 16-bit and/or NF4 + correction at each fitted rank.
+
+    Example:
+        >>> import pandas as pd
+        >>> from dq_kit.analysis.report import QuantReport
+        >>> rows = pd.DataFrame({"s": [1.0], "bytes_16bit": [800], "bytes_nf4": [230], "in_features": [20], "out_features": [20],
+        ...                      "gain_r4": [0.6]}, index=["m"])
+        >>> [(i.rank, i.cost) for i in menu_groups(None, rows, ["m"], "s", False, "full")[0]]
+        [(0, 570), (4, 320)]
+    """
+    ranks = sorted(int(c[len("gain_r"):]) for c in rows.columns if c.startswith("gain_r") and c[len("gain_r"):].isdigit())
+    fitted = {name: int(a.shape[0]) for name, (a, _) in getattr(report, "corrections", {}).items()} if report is not None else None
+    groups = []
+    for keep_item in candidate_items(rows, candidates, score, fuse):
+        options = [keep_item] if menu in ("keep", "full") else []
+        if menu in ("full", "corrections"):
+            for rank in ranks:
+                if all(_correctable(rows, n, rank, fitted) for n in keep_item.names):
+                    value = sum(option_gain(rows, n, rank, score) for n in keep_item.names)
+                    options.append(Item(keep_item.names, value, sum(option_cost(rows, n, rank) for n in keep_item.names), rank))
+        if options:
+            groups.append(options)
+    return groups
+
+
+def _correctable(rows: Any, name: str, rank: int, fitted: dict[str, int] | None) -> bool:
+    gain = rows.at[name, f"gain_r{rank}"]
+    return not pd.isna(gain) and (fitted is None or fitted.get(name, 0) >= rank)
+
+
+def option_gain(rows: Any, name: str, rank: int, score: str = "sensitivity") -> float:
+    """Estimated KL an option removes: the module's ``score`` for 16-bit (rank 0), its correction gain
+    (clipped to ``[0, score]``) for NF4 + rank-r.
+
+    Example:
+        >>> option_gain(pd.DataFrame({"sensitivity": [0.2], "gain_r8": [0.5]}, index=["m"]), "m", 8)
+        0.2
+    """
+    total = max(float(rows.at[name, score]), 0.0)
+    if not rank:
+        return total
+    gain = rows.at[name, f"gain_r{rank}"] if f"gain_r{rank}" in rows.columns else float("nan")
+    if pd.isna(gain):
+        raise PlanError(f"The report has no rank-{rank} correction for {name!r}; re-run dq.analyze(..., corrections=True) "
+                        "with that rank in ranks=.")
+    return min(max(float(gain), 0.0), total)
+
+
+def option_cost(rows: Any, name: str, rank: int) -> int:
+    """Bytes an option adds over NF4: 16-bit minus NF4 bytes (rank 0), or the bf16 factors ``2·r·(in+out)``.
+
+    Example:
+        >>> option_cost(pd.DataFrame({"bytes_16bit": [800], "bytes_nf4": [230], "in_features": [20], "out_features": [20]},
+        ...             index=["m"]), "m", 4)
+        320
+    """
+    if not rank:
+        return extra_bytes(rows, name)
+    return correction_bytes(rank, int(rows.at[name, "in_features"]), int(rows.at[name, "out_features"]))
 
 
 def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
     """KL (nats/token) the report predicts for ``plan``: the measured uniform-NF4 KL, reduced by the
-    share of the total ``score`` that the kept modules carry (the estimator's scale is calibrated
-    on the measured KL, since per-module estimates do not add up exactly).
+    share of the total ``score`` that the plan removes — the full score of a kept module, the
+    Fisher gain of a corrected one (the estimator's scale is calibrated on the measured KL, since
+    per-module estimates do not add up exactly).
 
     Example:
         >>> import dq_kit as dq
@@ -103,10 +172,14 @@ def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
         >>> predicted_kl(report, dq.plan(report, budget=0.5)) <= report.meta["kl_uniform"]
         True
     """
-    scores = report.table.set_index("module")[score].clip(lower=0)
+    rows = report.table.set_index("module")
+    scores = rows[score].clip(lower=0)
     total = float(scores.sum())
-    kept = float(scores[scores.index.isin(plan.keep)].sum())
-    return float(report.meta["kl_uniform"]) * (1 - kept / total) if total > 0 else float(report.meta["kl_uniform"])
+    if missing := [name for name in plan.corrections if name not in rows.index]:
+        raise PlanError(f"The plan corrects module(s) this report does not list (e.g. {missing[0]!r}): it was made for another model.")
+    removed = float(scores[scores.index.isin(plan.keep)].sum())
+    removed += sum(option_gain(rows, name, rank, score) for name, rank in plan.corrections.items())
+    return float(report.meta["kl_uniform"]) * (1 - removed / total) if total > 0 else float(report.meta["kl_uniform"])
 
 
 def expand_patterns(patterns: Iterable[str], names: list[str], what: str) -> set[str]:

@@ -3,7 +3,8 @@
 A folder written by :func:`save` holds safetensors weights, a ``config.json`` whose
 ``quantization_config.llm_int8_skip_modules`` lists the 16-bit modules by exact full name (so plain
 ``transformers`` reloads the same dynamic model), ``dq_plan.json``, optionally ``dq_report.json``,
-the processor, and a model card ``README.md``.
+the processor, a model card ``README.md`` and, for a plan with low-rank corrections, the PEFT
+adapter ``dq_correction/`` (``peft.PeftModel.from_pretrained(base, f"{path}/dq_correction")``).
 
 Published transformers-4 era dynamic checkpoints carry substring-style skip lists (``["visual",
 "lm_head"]``) that transformers 5 no longer matches as intended; :func:`plan_from_checkpoint`
@@ -35,6 +36,7 @@ from ..files import atomic_directory, atomic_write_text, read_json, write_json
 from ..models import registry
 from ..models.resolution import meta_model
 from ..units import human_bytes
+from .corrections import ADAPTER_NAME, base_linears, base_model, has_corrections, plain_layers, read_factors
 from .memory import MemoryEstimate, estimate_memory, loaded_bytes
 from .plan import Plan, matches_skip_pattern
 from .verification import is_quantized, verify
@@ -62,7 +64,8 @@ def save(
     holds either the previous checkpoint or the complete new one, never half of one.
 
     Args:
-        model: a transformers model (16-bit, or 4-bit from ``dq.load`` / ``dq.quantize``).
+        model: a transformers model (16-bit, or 4-bit from ``dq.load`` / ``dq.quantize``), or the
+            PEFT model they return for a plan with corrections (its adapter goes to ``dq_correction/``).
         path: the checkpoint folder; an existing checkpoint there is replaced, anything else refused.
         plan: the model's plan; default ``model.dq_plan``, else read off the model's modules.
         report: anything with a ``save(path)`` method (a ``QuantReport``, a ``ComparisonResult``),
@@ -80,17 +83,27 @@ def save(
         >>> type(reloaded.model.visual.blocks[0].attn.qkv).__name__
         'Linear4bit'
     """
-    if not isinstance(model, PreTrainedModel):
+    corrected = has_corrections(model)
+    if not isinstance(base_model(model), PreTrainedModel) or (not corrected and not isinstance(model, PreTrainedModel)):
         raise DQError(f"dq.save needs a transformers model, got {type(model).__name__} (merge or unwrap adapters first).")
     quantized = any(is_quantized(module) for module in model.modules())
-    plan = plan or getattr(model, "dq_plan", None) or (_plan_of(model) if quantized else None)
-    if plan is not None:
-        plan.check(model)
-        if quantized:
-            verify(model, plan)
+    with plain_layers(model) as plain:
+        plan = plan or getattr(plain, "dq_plan", None) or (_plan_of(plain) if quantized else None)
+        if plan is not None:
+            plan.check(plain)
+    if plan is not None and quantized:
+        verify(model, plan)
+    if plan is not None and plan.corrections and not corrected and not getattr(report, "corrections", None):
+        raise PlanError(
+            f"The plan corrects {len(plan.corrections)} module(s) but neither the model nor report= carries the factors: "
+            "pass the report from dq.analyze(..., corrections=True)."
+        )
     _check_replaceable(Path(path).expanduser())
     with atomic_directory(path) as folder:
-        model.save_pretrained(folder)
+        with plain_layers(model) as plain:
+            plain.save_pretrained(folder)
+        if corrected:
+            model.save_pretrained(folder, selected_adapters=[ADAPTER_NAME])  # writes folder/dq_correction/
         if quantized:
             _write_exact_skip_list(folder / "config.json", plan)
         if processor is not None:
@@ -99,7 +112,7 @@ def save(
             plan.save(folder / PLAN_FILE)
         if report is not None:
             report.save(folder / REPORT_FILE)
-        atomic_write_text(folder / CARD_FILE, model_card(model, plan, report))
+        atomic_write_text(folder / CARD_FILE, model_card(base_model(model), plan, report))
     return Path(path).expanduser()
 
 
@@ -256,7 +269,7 @@ def plan_from_checkpoint(
         >>> plan_from_checkpoint(config, skeleton).keep        # warns: "merger" matches only as a substring
         ('model.visual.merger.mlp.0', 'model.visual.merger.mlp.2')
     """
-    saved = _checkpoint_file(reference, PLAN_FILE) if reference is not None else None
+    saved = checkpoint_file(reference, PLAN_FILE) if reference is not None else None
     if saved is not None:
         return Plan.load(saved)
     settings = _bnb_4bit_settings(config)
@@ -322,8 +335,33 @@ def prequantized_config(
     return config
 
 
-def _checkpoint_file(reference: str | os.PathLike, filename: str) -> str | None:
-    """Path of ``filename`` in a local folder or a hub repository (downloaded or cached), else ``None``."""
+def saved_report_factors(reference: str | os.PathLike, model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]] | None:
+    """Correction factors of the report saved in a checkpoint (``dq_report.json`` and its
+    ``.corrections.safetensors``), checked against ``model``; ``None`` when there are none.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> saved_report_factors(dq.tiny.save_tiny("llama", "/tmp/tiny-llama"), dq.tiny.build_tiny_model("llama")) is None
+        True
+    """
+    report_file = checkpoint_file(reference, REPORT_FILE)
+    if report_file is None:
+        return None
+    name = (read_json(report_file, "Report").get("meta") or {}).get("corrections_file")
+    if not name:
+        return None
+    shapes = {key: (layer.out_features, layer.in_features) for key, layer in base_linears(model).items()}
+    return read_factors(checkpoint_file(reference, name) or Path(report_file).parent / name, shapes)
+
+
+def checkpoint_file(reference: str | os.PathLike, filename: str) -> str | None:
+    """Path of ``filename`` in a local folder or a hub repository (downloaded or cached), else ``None``.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> checkpoint_file(dq.tiny.save_tiny("llama", "/tmp/tiny-llama"), "missing.json") is None
+        True
+    """
     from transformers.utils import cached_file
 
     return cached_file(

@@ -12,7 +12,8 @@ from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokeniz
 from ..errors import DQError, ModelNotFoundError, PlanError
 from ..models.registry import family_of
 from ..models.resolution import auto_class, default_device_map, default_dtype, local_or_hub, meta_model, resolve_config
-from .checkpoint import plan_from_checkpoint, prequantized_config
+from .checkpoint import checkpoint_file, plan_from_checkpoint, prequantized_config, saved_report_factors
+from .corrections import ADAPTER_NAME, attach_corrections
 from .plan import Plan
 from .verification import verify
 
@@ -26,6 +27,7 @@ def load(
     dtype: torch.dtype | None = None,
     device_map: Any = None,
     *,
+    report: Any = None,
     processor: bool = True,
     trust_remote_code: bool = False,
     **kwargs: Any,
@@ -42,13 +44,16 @@ def load(
         dtype: compute / 16-bit dtype; default bf16 on GPU (fp16 where bf16 is missing), fp32 on CPU.
         device_map: passed to transformers/accelerate (``"auto"`` spreads over GPUs); default the
             first GPU, else the CPU.
+        report: the :class:`dq_kit.QuantReport` a plan with corrections was made from (its factors);
+            a checkpoint written by :func:`dq_kit.save` carries its own in ``dq_correction/``.
         processor: also load the processor (VLMs) or tokenizer (LMs); ``False`` returns ``None``.
         trust_remote_code: run code from the model repository; off unless you trust it.
         **kwargs: passed to ``from_pretrained`` (``revision=``, ``attn_implementation=``, ...).
 
     Returns:
         ``(model, processor)``. The model's ``dq_plan`` attribute holds the plan it was loaded with
-        (``None`` for 16-bit); 4-bit loads are verified against it.
+        (``None`` for 16-bit); 4-bit loads are verified against it. With corrections the model is a
+        ``peft.PeftModel`` whose frozen ``dq_correction`` adapter holds them.
 
     Example:
         >>> import dq_kit as dq
@@ -90,10 +95,25 @@ def load(
         model = model_class.from_pretrained(reference, **load_kwargs)
     except OSError as exc:
         raise ModelNotFoundError(f"Could not load the weights of {str(name_or_path)!r}: {str(exc).splitlines()[0]}") from exc
-    if plan is not None:
-        verify(model, plan)
     model.dq_plan = plan
+    if plan is not None:
+        model = _with_corrections(model, plan, report, reference)
+        verify(model, plan)
     return model, (load_processor(reference, config, trust_remote_code=trust_remote_code) if processor else None)
+
+
+def _with_corrections(model: nn.Module, plan: Plan, report: Any, reference: str | os.PathLike) -> nn.Module:
+    """Attach the plan's corrections: from ``report``, else the checkpoint's ``dq_correction`` adapter."""
+    if not plan.corrections:
+        return model
+    if report is None and checkpoint_file(reference, f"{ADAPTER_NAME}/adapter_config.json") is not None:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, reference, subfolder=ADAPTER_NAME, adapter_name=ADAPTER_NAME, is_trainable=False)
+        model.eval()
+        return model
+    factors = getattr(report, "corrections", None) or saved_report_factors(reference, model) or {}
+    return attach_corrections(model, plan, factors)
 
 
 def load_processor(reference: str | os.PathLike, config: Any = None, *, trust_remote_code: bool = False) -> Any:

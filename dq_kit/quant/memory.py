@@ -19,7 +19,8 @@ from torch import nn
 from ..errors import AnalysisError
 from ..models import registry
 from ..models.resolution import meta_model, resolve_config
-from ..units import GIB
+from ..units import GIB, human_bytes
+from .corrections import plain_layers
 from .plan import Plan
 
 BLOCKSIZE = 4 * 16  # bitsandbytes' 4-bit blocksize
@@ -41,6 +42,29 @@ def nf4_weight_bytes(numel: int, double_quant: bool = True) -> int:
     if not double_quant:
         return packed + blocks * 4 + _NF4_CODE_BYTES
     return packed + blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + _NESTED_CODE_BYTES + _NF4_CODE_BYTES
+
+
+def correction_bytes(rank: int, in_features: int, out_features: int) -> int:
+    """Bytes of a rank-``rank`` low-rank correction stored as bf16 factors: ``2·r·(in+out)``.
+
+    Example:
+        >>> correction_bytes(8, 576, 1536)
+        33792
+    """
+    return 2 * rank * (in_features + out_features)
+
+
+def plan_correction_bytes(model: nn.Module, plan: Plan) -> int:
+    """Bytes of all of ``plan``'s corrections on ``model`` (a skeleton on the meta device will do).
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model = dq.tiny.build_tiny_model("llama")
+        >>> plan_correction_bytes(model, dq.Plan(corrections={"model.layers.0.mlp.down_proj": 4}))
+        1280
+    """
+    modules = dict(model.named_modules())
+    return sum(correction_bytes(rank, modules[name].in_features, modules[name].out_features) for name, rank in plan.corrections.items())
 
 
 def footprint_bytes(model: nn.Module, quantized: set[str], *, double_quant: bool = True, bytes_16bit: int = 2) -> int:
@@ -74,6 +98,8 @@ class MemoryEstimate:
     bytes_plan: int
     plan_source: str
     kept_modules: int
+    corrected_modules: int = 0
+    correction_bytes: int = 0
 
     def gib(self, which: str) -> float:
         """Size in GiB of ``"16bit"``, ``"4bit"`` or ``"plan"``."""
@@ -104,7 +130,8 @@ class MemoryEstimate:
             f"  16-bit            {self.gib('16bit'):8.2f} GiB\n"
             f"  NF4 (all Linear)  {self.gib('4bit'):8.2f} GiB\n"
             f"  dynamic ({self.plan_source}) {self.gib('plan'):8.2f} GiB  "
-            f"(+{self.plan_overhead:.1%} over NF4, {self.kept_modules} module(s) in 16-bit)"
+            f"(+{self.plan_overhead:.1%} over NF4, {self.kept_modules} module(s) in 16-bit"
+            + (f", {self.corrected_modules} with low-rank corrections of {human_bytes(self.correction_bytes)})" if self.corrected_modules else ")")
         )
 
     def _repr_html_(self) -> str:
@@ -123,23 +150,30 @@ def estimate_memory(config_or_name_or_path: Any, plan: Plan | None = None, *, tr
         ...
     """
     if isinstance(config_or_name_or_path, nn.Module):
-        model, label = config_or_name_or_path, config_or_name_or_path.config.model_type
-    else:
-        config = resolve_config(config_or_name_or_path, trust_remote_code=trust_remote_code, prefer_shipped=True)
-        model = meta_model(config, trust_remote_code=trust_remote_code)
-        label = os.fspath(config_or_name_or_path) if isinstance(config_or_name_or_path, (str, os.PathLike)) else config.model_type
+        with plain_layers(config_or_name_or_path) as model:  # a PEFT model's own layers, not its adapters
+            return _estimate(model, model.config.model_type, plan)
+    config = resolve_config(config_or_name_or_path, trust_remote_code=trust_remote_code, prefer_shipped=True)
+    model = meta_model(config, trust_remote_code=trust_remote_code)
+    label = os.fspath(config_or_name_or_path) if isinstance(config_or_name_or_path, (str, os.PathLike)) else config.model_type
+    return _estimate(model, label, plan)
+
+
+def _estimate(model: nn.Module, label: str, plan: Plan | None) -> MemoryEstimate:
     plan = plan or Plan.preset(model)
     plan.check(model)
     linear = {info.name for info in registry.linear_modules(model)}
     uniform = Plan.uniform(model)
+    corrections = plan_correction_bytes(model, plan)
     return MemoryEstimate(
         model=label,
         params=sum(p.numel() for p in model.parameters()),
         bytes_16bit=footprint_bytes(model, set()),
         bytes_4bit=footprint_bytes(model, linear - set(uniform.skip_modules), double_quant=plan.double_quant),
-        bytes_plan=footprint_bytes(model, linear - set(plan.skip_modules), double_quant=plan.double_quant),
+        bytes_plan=footprint_bytes(model, linear - set(plan.skip_modules), double_quant=plan.double_quant) + corrections,
         plan_source=plan.source,
         kept_modules=len(plan.keep),
+        corrected_modules=len(plan.corrections),
+        correction_bytes=corrections,
     )
 
 
@@ -172,7 +206,7 @@ REPORT_META = ("bytes_16bit", "bytes_4bit")
 def report_memory(report: Any, plan: Plan) -> MemoryEstimate:
     """Sizes of an analysed model in 16-bit, all-NF4 and under ``plan``, from its ``QuantReport``
     alone (no model, no weights): the report's whole-model footprints plus, for every kept module,
-    its 16-bit minus its NF4 bytes.
+    its 16-bit minus its NF4 bytes, and for every corrected module its bf16 factors.
 
     Example:
         >>> import pandas as pd
@@ -188,13 +222,23 @@ def report_memory(report: Any, plan: Plan) -> MemoryEstimate:
     table = report.table
     kept = table[table["module"].isin(plan.keep)]
     extra = int((kept["bytes_16bit"] - kept["bytes_nf4"]).sum())
+    corrections = 0
+    if plan.corrections:
+        rows = table.set_index("module")
+        if "in_features" not in rows.columns or any(n not in rows.index for n in plan.corrections):
+            raise AnalysisError("The plan has corrections this report does not describe: use the report made with "
+                                "dq.analyze(..., corrections=True) for this model.")
+        corrections = sum(correction_bytes(r, int(rows.at[n, "in_features"]), int(rows.at[n, "out_features"]))
+                          for n, r in plan.corrections.items())
     bytes_16bit = int(report.meta["bytes_16bit"])
     return MemoryEstimate(
         model=str(report.meta.get("name_or_path") or report.meta.get("model_type") or "model"),
         params=bytes_16bit // 2,
         bytes_16bit=bytes_16bit,
         bytes_4bit=int(report.meta["bytes_4bit"]),
-        bytes_plan=int(report.meta["bytes_4bit"]) + extra,
+        bytes_plan=int(report.meta["bytes_4bit"]) + extra + corrections,
         plan_source=plan.source,
         kept_modules=len(plan.keep),
+        corrected_modules=len(plan.corrections),
+        correction_bytes=corrections,
     )

@@ -31,7 +31,7 @@ from ..models import registry
 from ..models.resolution import default_dtype, meta_model, resolve_config
 
 PLAN_FORMAT = "dq_kit.plan"
-PLAN_VERSION = 1
+PLAN_VERSION = 2  # 2: per-module correction ranks (version-1 plans have none and still load)
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 
 
@@ -47,7 +47,10 @@ class Plan:
         quant_type: ``"nf4"`` or ``"fp4"``.
         double_quant: quantize the 4-bit scales too (saves ~0.37 bits/param).
         source: how the plan was made (``"uniform"``, ``"preset"``, ``"patterns"``, ``"manual"``, ...).
-        reasons: per kept module, why it was kept (metric values, rank, rule).
+        reasons: per kept or corrected module, why (metric values, rank, rule, choice).
+        corrections: modules that stay NF4 but get a frozen low-rank correction, with its rank
+            (``{"model.layers.3.mlp.down_proj": 16}``); the factors come from the report that
+            :func:`dq_kit.plan` chose them from (``dq.load(..., plan=plan, report=report)``).
 
     Example:
         >>> plan = Plan(keep=("model.layers.0.mlp.down_proj",), fixed=("lm_head",), model_type="llama")
@@ -63,10 +66,19 @@ class Plan:
     double_quant: bool = True
     source: str = "manual"
     reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
+    corrections: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(sorted(set(self.keep))))
         object.__setattr__(self, "fixed", tuple(sorted(set(self.fixed))))
+        if not isinstance(self.corrections, dict):
+            raise PlanError(f"corrections must map module names to ranks, got {type(self.corrections).__name__}.")
+        bad_ranks = {n: r for n, r in self.corrections.items() if isinstance(r, bool) or not isinstance(r, int) or r < 1}
+        if bad_ranks:
+            raise PlanError(f"Correction ranks must be positive integers, got {dict(list(bad_ranks.items())[:3])!r}.")
+        if both := sorted(set(self.corrections) & (set(self.keep) | set(self.fixed))):
+            raise PlanError(f"Module(s) both kept in 16-bit and corrected: {both[:5]}. A module is NF4, NF4 + correction or 16-bit.")
+        object.__setattr__(self, "corrections", dict(sorted(self.corrections.items())))
         if self.quant_type not in ("nf4", "fp4"):
             raise PlanError(f"quant_type must be 'nf4' or 'fp4', got {self.quant_type!r}.")
         bad = [name for name in (*self.keep, *self.fixed) if not isinstance(name, str) or not name]
@@ -156,7 +168,24 @@ class Plan:
         quantize = set(quantize)
         added = set(keep) - set(self.keep)
         reasons = {n: r for n, r in self.reasons.items() if n not in quantize} | {n: {"rule": reason} for n in added}
-        return replace(self, keep=tuple((set(self.keep) | set(keep)) - quantize), reasons=reasons)
+        corrections = {n: r for n, r in self.corrections.items() if n not in added}
+        return replace(self, keep=tuple((set(self.keep) | set(keep)) - quantize), reasons=reasons, corrections=corrections)
+
+    def with_corrections(self, ranks: dict[str, int], reason: str = "manual") -> Plan:
+        """A copy where each module of ``ranks`` gets an NF4 + rank-r correction (rank 0 removes it; a kept module goes back to NF4).
+
+        Example:
+            >>> Plan(keep=("a",)).with_corrections({"a": 8, "b": 4}).corrections
+            {'a': 8, 'b': 4}
+        """
+        corrections = {**self.corrections, **{n: r for n, r in ranks.items() if r}}
+        for name, rank in ranks.items():
+            if not rank:
+                corrections.pop(name, None)
+        reasons = {n: r for n, r in self.reasons.items() if n not in ranks} | {
+            n: {"rule": reason, "choice": f"nf4+r{r}"} for n, r in ranks.items() if r
+        }
+        return replace(self, keep=tuple(set(self.keep) - set(ranks)), reasons=reasons, corrections=corrections)
 
     # ---- use ---------------------------------------------------------------------------------
 
@@ -206,6 +235,12 @@ class Plan:
             shown = "; ".join(f"{name!r}{_suggest(name, names)}" for name in missing[:8])
             more = f" (and {len(missing) - 8} more)" if len(missing) > 8 else ""
             raise PlanError(f"The plan names {len(missing)} module(s) that are not Linear layers of this model: {shown}{more}.")
+        shapes = {info.name: min(info.in_features, info.out_features) for info in registry.linear_modules(model)}
+        if unknown := [name for name in self.corrections if name not in shapes]:
+            raise PlanError(f"The plan corrects {len(unknown)} module(s) that are not Linear layers of this model: "
+                            + "; ".join(f"{n!r}{_suggest(n, names)}" for n in unknown[:8]) + ".")
+        if too_big := {n: r for n, r in self.corrections.items() if r > shapes[n]}:
+            raise PlanError(f"Correction rank(s) above min(in, out) of the module: {dict(list(too_big.items())[:5])}.")
 
     # ---- persistence -------------------------------------------------------------------------
 
@@ -222,6 +257,7 @@ class Plan:
             "keep": list(self.keep),
             "fixed": list(self.fixed),
             "reasons": self.reasons,
+            "corrections": self.corrections,
         }
 
     @classmethod
@@ -241,8 +277,9 @@ class Plan:
                 double_quant=bool(data.get("double_quant", True)),
                 source=data.get("source", "manual"),
                 reasons=dict(data.get("reasons") or {}),
+                corrections=dict(data.get("corrections") or {}),
             )
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise PlanError(f"Malformed plan: {exc}") from exc
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -264,10 +301,14 @@ class Plan:
     def __str__(self) -> str:
         head = f"Plan({self.source}, {self.family or self.model_type or 'any model'}, {self.quant_type}"
         head += "+double-quant" if self.double_quant else ""
-        lines = [head + f"): {len(self.keep)} module(s) kept in 16-bit, fixed: {list(self.fixed)}"]
+        corrected = f", {len(self.corrections)} with NF4 + low-rank correction" if self.corrections else ""
+        lines = [head + f"): {len(self.keep)} module(s) kept in 16-bit{corrected}, fixed: {list(self.fixed)}"]
         lines += [f"  {name}" for name in self.keep[:20]]
         if len(self.keep) > 20:
             lines.append(f"  ... and {len(self.keep) - 20} more")
+        lines += [f"  {name}  +r{rank}" for name, rank in list(self.corrections.items())[:10]]
+        if len(self.corrections) > 10:
+            lines.append(f"  ... and {len(self.corrections) - 10} more corrected")
         return "\n".join(lines)
 
 

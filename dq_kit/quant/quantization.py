@@ -16,19 +16,23 @@ Example:
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
-from ..errors import DQError
+from ..errors import DQError, PlanError
+from .corrections import attach_corrections
 from .plan import Plan
 from .verification import is_quantized, verify
 
 
-def quantize(model: PreTrainedModel, plan: Plan | None = None) -> PreTrainedModel:
+def quantize(model: PreTrainedModel, plan: Plan | None = None, *, report: Any = None) -> PreTrainedModel:
     """Quantize every Linear layer of ``model`` to bitsandbytes 4-bit except the plan's
-    ``skip_modules``, in place, and return the model.
+    ``skip_modules``, in place, and return the model — wrapped in a PEFT model with a frozen
+    ``dq_correction`` adapter when the plan has corrections.
 
     The compute dtype is the model's dtype; quant type and double quantization come from the plan.
     Afterwards ``model.dq_plan`` is ``plan``, ``model.is_loaded_in_4bit`` is true and
@@ -37,10 +41,14 @@ def quantize(model: PreTrainedModel, plan: Plan | None = None) -> PreTrainedMode
 
     Args:
         model: a transformers model with real (not meta) 16- or 32-bit weights, not yet quantized.
-        plan: which modules stay 16-bit; default the architecture's preset (``dq.Plan.preset``).
+        plan: which modules stay 16-bit (and which get low-rank corrections); default the
+            architecture's preset (``dq.Plan.preset``).
+        report: the :class:`dq_kit.QuantReport` the plan was made from; its ``corrections`` hold the
+            factors of ``plan.corrections`` (needed only when the plan has corrections).
 
     Raises:
-        PlanError: the plan was made for another architecture or names modules the model lacks.
+        PlanError: the plan was made for another architecture, names modules the model lacks, or
+            has corrections without their factors.
         DQError: the model is already quantized, has weights on the meta device, or is not a
             transformers model (e.g. already wrapped by PEFT).
 
@@ -55,6 +63,12 @@ def quantize(model: PreTrainedModel, plan: Plan | None = None) -> PreTrainedMode
     _check_quantizable(model)
     plan = plan if plan is not None else Plan.preset(model)
     plan.check(model)
+    factors = getattr(report, "corrections", None) or {}
+    if plan.corrections and not factors:
+        raise PlanError(
+            f"The plan corrects {len(plan.corrections)} module(s) but no factors were given: pass report= (the report from "
+            "dq.analyze(..., corrections=True) that the plan was made from)."
+        )
 
     from transformers.quantizers.auto import AutoHfQuantizer
 
@@ -69,6 +83,7 @@ def quantize(model: PreTrainedModel, plan: Plan | None = None) -> PreTrainedMode
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)  # config.quantization_config, is_loaded_in_4bit, config._is_quantized
     model.dq_plan = plan
+    model = attach_corrections(model, plan, factors)
     verify(model, plan)
     return model
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from torch import nn
 
 from ..errors import VerificationError
+from .corrections import base_linears, correction_ranks
 from .plan import Plan
 
 
@@ -21,8 +22,9 @@ def is_quantized(module: nn.Module) -> bool:
 
 
 def verify(model: nn.Module, plan: Plan) -> None:
-    """Raise :class:`VerificationError` unless the plan's modules are plain Linear layers and every
-    other Linear layer is quantized. The message lists every difference.
+    """Raise :class:`VerificationError` unless the plan's modules are plain Linear layers, every
+    other Linear layer is quantized, and the plan's corrections are exactly the model's
+    ``dq_correction`` adapter (same modules, same ranks). The message lists every difference.
 
     Example:
         >>> import dq_kit as dq
@@ -30,7 +32,7 @@ def verify(model: nn.Module, plan: Plan) -> None:
         >>> verify(model, dq.Plan.uniform(model))
     """
     expected_16bit = set(plan.skip_modules)
-    linears = {name: is_quantized(module) for name, module in model.named_modules() if isinstance(module, nn.Linear)}
+    linears = {name: is_quantized(module) for name, module in base_linears(model).items()}
     missing = sorted(expected_16bit - linears.keys())
     wrongly_quantized = sorted(name for name, quantized in linears.items() if quantized and name in expected_16bit)
     wrongly_16bit = sorted(name for name, quantized in linears.items() if not quantized and name not in expected_16bit)
@@ -38,6 +40,7 @@ def verify(model: nn.Module, plan: Plan) -> None:
         (missing, "planned module(s) absent from the model"),
         (wrongly_quantized, "module(s) quantized although the plan keeps them 16-bit"),
         (wrongly_16bit, "module(s) left 16-bit although the plan quantizes them"),
+        *_correction_problems(model, plan),
     ]
     if any(names for names, _ in problems):
         lines = ["The loaded model does not match its plan:"]
@@ -47,3 +50,16 @@ def verify(model: nn.Module, plan: Plan) -> None:
                 lines.append(f"  {len(names)} {what}: {shown}")
         lines.append("The skip list may not have matched (transformers' matching rules changed) — report this with the plan.")
         raise VerificationError("\n".join(lines))
+
+
+def _correction_problems(model: nn.Module, plan: Plan) -> list[tuple[list[str], str]]:
+    actual = correction_ranks(model)
+    absent = sorted(set(plan.corrections) - set(actual))
+    extra = sorted(set(actual) - set(plan.corrections))
+    wrong = sorted(f"{name} (rank {actual[name]}, planned {rank})" for name, rank in plan.corrections.items()
+                   if name in actual and actual[name] != rank)
+    return [
+        (absent, "planned correction(s) missing from the dq_correction adapter"),
+        (extra, "correction(s) in the dq_correction adapter that the plan does not have"),
+        (wrong, "correction(s) of another rank than planned"),
+    ]

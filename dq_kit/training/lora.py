@@ -21,6 +21,7 @@ from torch import nn
 
 from ..errors import DQError
 from ..models.registry import ModuleInfo, linear_modules
+from ..quant.corrections import strip_corrections
 from ..quant.verification import is_quantized
 from .cpu_repacking import make_4bit_trainable
 
@@ -75,8 +76,16 @@ def add_lora(
     target_modules: str | Sequence[str] | None = None,
     gradient_checkpointing: bool = True,
     seed: int = 0,
+    init: str = "correction",
 ) -> PeftModel:
     """Wrap ``model`` in a PEFT LoRA model on the chosen towers and module kinds; print the trainable count.
+
+    On a model that carries low-rank error corrections (``dq.load(..., plan=plan, report=report)``
+    with ``plan.corrections``), ``init="correction"`` (default) starts the trainable adapter from
+    them: a corrected module gets rank ``max(r, correction rank)``, its first components hold the
+    correction and the rest start as in standard LoRA (B = 0), so step 0 is the corrected model, not
+    plain NF4; corrected modules outside the selection keep their correction, frozen, in the same
+    adapter. ``init="standard"`` drops the corrections and starts today's QLoRA init on NF4.
 
     Works alike on 4-bit (``Linear4bit``) and 16-bit layers of a dynamic model. A quantized model
     goes through PEFT's ``prepare_model_for_kbit_training`` first (base weights frozen; its
@@ -92,6 +101,7 @@ def add_lora(
         target_modules: optional narrowing, see :func:`lora_targets`.
         gradient_checkpointing: trade compute for activation memory while training.
         seed: seeds the adapters' random initialisation (the global RNG is left untouched).
+        init: ``"correction"`` or ``"standard"`` (see above; the same on a model without corrections).
 
     Raises:
         DQError: the selection matches no module, or the model already carries adapters.
@@ -104,8 +114,13 @@ def add_lora(
         >>> sorted(peft_model.peft_config["default"].target_modules)[0]
         'model.layers.0.self_attn.k_proj'
     """
+    if init not in ("correction", "standard"):
+        raise DQError(f"init must be 'correction' or 'standard', got {init!r}.")
+    model, corrections = strip_corrections(model)
     if isinstance(model, PeftModel):
         raise DQError("The model already has LoRA adapters; pass the base model, or keep training this one.")
+    if init == "standard":
+        corrections = {}
     targets = lora_targets(model, vision=vision, language=language, attention=attention, mlp=mlp, target_modules=target_modules)
     if not targets:
         groups = sorted({info.group for info in linear_modules(model)})
@@ -121,9 +136,32 @@ def add_lora(
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
         model.enable_input_require_grads()
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=targets, bias="none", task_type="CAUSAL_LM")
+    ranks = {name: max(r, int(a.shape[0])) for name, (a, _) in corrections.items()}
+    patterns = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
+    config = LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(set(targets) | set(corrections)), bias="none",
+        task_type="CAUSAL_LM", rank_pattern=patterns, alpha_pattern={key: alpha * rank / r for key, rank in patterns.items()},
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         peft_model = get_peft_model(model, config)
+    _start_from(peft_model, corrections, frozen=set(corrections) - set(targets))
     peft_model.print_trainable_parameters()
     return peft_model
+
+
+def _start_from(peft_model: PeftModel, corrections: dict[str, tuple[torch.Tensor, torch.Tensor]], frozen: set[str]) -> None:
+    """Put each correction in the leading components of its module's adapter (B·A·scale = correction);
+    modules in ``frozen`` (outside the user's selection) keep it without training it."""
+    inner = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, (a, b) in corrections.items():
+            layer = inner.get_submodule(name)
+            lora_a, lora_b = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+            rank = a.shape[0]
+            lora_a[:rank].copy_(a.to(lora_a.dtype))
+            lora_b.zero_()
+            lora_b[:, :rank].copy_((b.float() / layer.scaling["default"]).to(lora_b.dtype))
+            if name in frozen:
+                lora_a.requires_grad_(False)
+                lora_b.requires_grad_(False)

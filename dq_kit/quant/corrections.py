@@ -1,0 +1,255 @@
+"""Low-rank error corrections as a frozen PEFT LoRA adapter named ``dq_correction``.
+
+A plan's ``corrections`` (module -> rank) say which NF4 modules get ``deq(NF4(W)) + B·A``; the
+factors come from the report the plan was made from (``dq.analyze(..., corrections=True)``). They
+are stored the way users already hold low-rank weights: a LoRA adapter with ``rank_pattern`` and
+``alpha_pattern`` (alpha = r, so the scale is 1), which plain ``peft`` reloads onto the 4-bit model.
+
+Example:
+    >>> import dq_kit as dq
+    >>> model = dq.quantize(dq.tiny.build_tiny_model("llama"), dq.Plan.uniform(dq.tiny.build_tiny_model("llama")))
+    >>> a, b = torch.zeros(4, 64), torch.zeros(128, 4)
+    >>> plan = dq.Plan.uniform(model).with_corrections({"model.layers.0.mlp.up_proj": 4})
+    >>> wrapped = attach_corrections(model, plan, {"model.layers.0.mlp.up_proj": (a, b)})
+    >>> correction_ranks(wrapped)
+    {'model.layers.0.mlp.up_proj': 4}
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..errors import DQError, PlanError
+from ..files import atomic_file
+from .plan import Plan
+
+__all__ = ["ADAPTER_NAME", "attach_corrections", "base_linears", "base_model", "correction_factors", "correction_ranks",
+           "has_corrections", "plain_layers", "read_factors", "strip_corrections", "write_factors"]
+
+ADAPTER_NAME = "dq_correction"
+
+
+def base_model(model: nn.Module) -> nn.Module:
+    """The transformers model under a PEFT wrapper (the model itself when it has none).
+
+    Example:
+        >>> base_model(nn.Linear(2, 2)).__class__.__name__
+        'Linear'
+    """
+    return model.get_base_model() if _is_peft(model) else model
+
+
+def _is_peft(model: nn.Module) -> bool:
+    peft = sys.modules.get("peft")  # a model cannot be a PeftModel before peft is imported
+    return peft is not None and isinstance(model, peft.PeftModel)
+
+
+def base_linears(model: nn.Module) -> dict[str, nn.Module]:
+    """Every Linear layer by its name in the plain model, looking through LoRA wrappers (their
+    ``base_layer``), without the adapters' own ``lora_A`` / ``lora_B`` layers.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> len(base_linears(dq.tiny.build_tiny_model("llama")))
+        15
+    """
+    out: dict[str, nn.Module] = {}
+    for name, module in base_model(model).named_modules():
+        parts = name.split(".")
+        if any(part.startswith("lora_") for part in parts) or not isinstance(module, nn.Linear):
+            continue
+        if parts[-1] == "base_layer":
+            name = ".".join(parts[:-1])
+        out[name] = module
+    return out
+
+
+def has_corrections(model: nn.Module) -> bool:
+    """Whether ``model`` is a PEFT model with a ``dq_correction`` adapter."""
+    return _is_peft(model) and ADAPTER_NAME in model.peft_config
+
+
+def correction_ranks(model: nn.Module) -> dict[str, int]:
+    """``{module: rank}`` of the ``dq_correction`` adapter (empty without one)."""
+    return {name: int(a.shape[0]) for name, (a, _) in correction_factors(model).items()}
+
+
+def correction_factors(model: nn.Module) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A, B)}`` of the ``dq_correction`` adapter, so that the corrected weight is ``deq + B @ A``."""
+    if not has_corrections(model):
+        return {}
+    out = {}
+    for name, module in base_model(model).named_modules():
+        lora_a = getattr(module, "lora_A", None)
+        if isinstance(lora_a, nn.ModuleDict) and ADAPTER_NAME in lora_a:
+            scale = module.scaling[ADAPTER_NAME]
+            out[name] = (lora_a[ADAPTER_NAME].weight.detach(), module.lora_B[ADAPTER_NAME].weight.detach() * scale)
+    return out
+
+
+def attach_corrections(model: nn.Module, plan: Plan, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> nn.Module:
+    """Wrap a quantized model in a PEFT model whose frozen ``dq_correction`` adapter holds the
+    plan's corrections (factors truncated to the planned rank); returns the model unchanged when
+    the plan has none.
+
+    Raises:
+        PlanError: a planned module has no factors, or factors of the wrong shape or too low a rank.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model = dq.tiny.build_tiny_model("llama")
+        >>> attach_corrections(model, dq.Plan.uniform(model), {}) is model
+        True
+    """
+    if not plan.corrections:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    linears = base_linears(model)
+    missing = [name for name in plan.corrections if name not in factors]
+    if missing:
+        raise PlanError(
+            f"The plan corrects {len(missing)} module(s) without factors to apply (e.g. {missing[0]!r}). Pass the report the plan "
+            "was made from (dq.load(..., plan=plan, report=report) / dq.quantize(model, plan, report=report)), saved with its "
+            ".corrections.safetensors file."
+        )
+    for name, rank in plan.corrections.items():
+        a, b = factors[name]
+        layer = linears.get(name)
+        if layer is None:
+            raise PlanError(f"The plan corrects {name!r}, which is not a Linear layer of this model.")
+        if a.shape[0] < rank or b.shape[1] != a.shape[0] or (b.shape[0], a.shape[1]) != (layer.out_features, layer.in_features):
+            raise PlanError(
+                f"The correction factors of {name!r} (B {tuple(b.shape)}, A {tuple(a.shape)}) do not fit a rank-{rank} correction of "
+                f"its {layer.out_features}x{layer.in_features} weight: the report belongs to another model or another analysis."
+            )
+    top = max(plan.corrections.values())
+    patterns = {re.escape(name): rank for name, rank in plan.corrections.items()}
+    config = LoraConfig(
+        r=top, lora_alpha=top, target_modules=list(plan.corrections), rank_pattern=patterns, alpha_pattern=dict(patterns),
+        lora_dropout=0.0, bias="none", init_lora_weights=False, inference_mode=True, task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(model, config, adapter_name=ADAPTER_NAME)
+    inner = peft_model.get_base_model()
+    with torch.no_grad():
+        for name, rank in plan.corrections.items():
+            layer = inner.get_submodule(name)
+            a, b = factors[name]
+            target_a, target_b = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            target_a.copy_(a[:rank].to(target_a.dtype))
+            target_b.copy_(b[:, :rank].to(target_b.dtype))
+    for parameter in peft_model.parameters():
+        parameter.requires_grad_(False)
+    peft_model.eval()
+    return peft_model
+
+
+@contextlib.contextmanager
+def plain_layers(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, the PEFT model's transformers model with every LoRA wrapper replaced by its
+    base layer (what ``save_pretrained`` of the quantized model must see); restored afterwards.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> with plain_layers(dq.tiny.build_tiny_model("llama")) as plain:
+        ...     type(plain).__name__
+        'LlamaForCausalLM'
+    """
+    inner, swapped = _unwrap(model)
+    try:
+        yield inner
+    finally:
+        for parent, child, module in swapped:
+            setattr(parent, child, module)
+
+
+def _unwrap(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Module, str, nn.Module]]]:
+    """Put every LoRA wrapper's base layer in its place; returns the transformers model and what was replaced."""
+    inner = base_model(model)
+    swapped: list[tuple[nn.Module, str, nn.Module]] = []
+    for name, module in list(inner.named_modules()):
+        base = getattr(module, "base_layer", None)
+        if isinstance(base, nn.Module) and isinstance(getattr(module, "lora_A", None), nn.ModuleDict):
+            parent_name, _, child = name.rpartition(".")
+            parent = inner.get_submodule(parent_name) if parent_name else inner
+            setattr(parent, child, base)
+            swapped.append((parent, child, module))
+    return inner, swapped
+
+
+def write_factors(path: str | os.PathLike, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
+    """Save ``{module: (A, B)}`` as bf16 safetensors (``<module>.lora_A`` / ``<module>.lora_B``), atomically.
+
+    Example:
+        >>> import tempfile
+        >>> path = write_factors(tempfile.mkdtemp() + "/f.safetensors", {"m": (torch.ones(2, 3), torch.ones(4, 2))})
+        >>> tuple(read_factors(path, {"m": (4, 3)})["m"][1].shape)
+        (4, 2)
+    """
+    from safetensors.torch import save_file
+
+    tensors = {}
+    for name, (a, b) in factors.items():
+        tensors[f"{name}.lora_A"] = a.detach().to(torch.bfloat16).contiguous().cpu()
+        tensors[f"{name}.lora_B"] = b.detach().to(torch.bfloat16).contiguous().cpu()
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "dq_kit.corrections"})
+    return Path(path)
+
+
+def read_factors(path: str | os.PathLike, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Load factors written by :func:`write_factors`, each checked against ``shapes`` (``{module: (out, in)}``).
+
+    Raises :class:`dq_kit.DQError` naming the file when it is missing, unreadable, or does not match.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise DQError(f"The correction factors file is missing: {path}. Keep it beside its report, or re-run "
+                      "dq.analyze(..., corrections=True).")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise DQError(f"Correction factors file {path} is unreadable ({exc}); re-run dq.analyze(..., corrections=True).") from exc
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for key, a in tensors.items():
+        if not key.endswith(".lora_A"):
+            continue
+        name = key[: -len(".lora_A")]
+        b = tensors.get(f"{name}.lora_B")
+        if name not in shapes or b is None:
+            raise DQError(f"Correction factors file {path} does not match its report: {name!r} is not one of the report's "
+                          "modules, or lacks its B factor. Keep a report and its factors together.")
+        if a.shape[0] != b.shape[1] or (b.shape[0], a.shape[1]) != shapes[name]:
+            raise DQError(f"Correction factors file {path} does not match its report: {name!r} has factors of shapes "
+                          f"{tuple(b.shape)} x {tuple(a.shape)} for a {shapes[name][0]}x{shapes[name][1]} weight.")
+        factors[name] = (a, b)
+    return factors
+
+
+def strip_corrections(model: nn.Module) -> tuple[nn.Module, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The transformers model without its ``dq_correction`` wrappers, and the factors they held.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model = dq.tiny.build_tiny_model("llama")
+        >>> strip_corrections(model) == (model, {})
+        True
+    """
+    if not has_corrections(model):
+        return model, {}
+    factors = {name: (a.clone(), b.clone()) for name, (a, b) in correction_factors(model).items()}
+    inner, _ = _unwrap(model)
+    if hasattr(inner, "peft_config"):  # set on the wrapped model by peft
+        del inner.peft_config
+    return inner, factors
