@@ -202,8 +202,54 @@ def sensitivity_figure(report: Any, top: int = 3):
     return fig
 
 
+def correction_gain_figure(report: Any):
+    """What each option buys per byte, by layer: the estimated KL removed per MiB by keeping a module
+    in 16-bit and by NF4 + a rank-r correction (each rank of the report's menu), averaged over the
+    modules of each layer (log scale). Where a correction line sits above the 16-bit line, the
+    correction is the better use of memory for that layer.
+
+    Example:
+        >>> import pandas as pd
+        >>> from dq_kit.analysis import QuantReport
+        >>> t = pd.DataFrame({"module": ["l.0.q", "l.1.q"], "tower": ["language"] * 2, "group": ["language_attention"] * 2,
+        ...                   "layer": [0, 1], "sensitivity": [1e-3, 2e-3], "bytes_16bit": [8192, 8192], "bytes_nf4": [2300, 2300],
+        ...                   "in_features": [64, 64], "out_features": [64, 64], "gain_r4": [5e-4, 1e-3]})
+        >>> [line.get_label() for line in correction_gain_figure(QuantReport(t)).axes[0].get_lines()]
+        ['16-bit', 'NF4 + r4']
+    """
+    import matplotlib
+
+    from ..quant.memory import correction_bytes
+
+    meta = report.meta
+    table = report.table.dropna(subset=["sensitivity"])
+    panels = tower_panels(table)
+    mib = 2**20
+    with matplotlib.rc_context(rc()):
+        fig, axes = _figure(max(len(panels), 1), f"{meta.get('model_type', 'model')}: KL removed per MiB, by option")
+        for ax, (tower, rows) in zip(axes, panels, strict=False):
+            per_layer = rows.assign(
+                keep=rows["sensitivity"].clip(lower=0) / ((rows["bytes_16bit"] - rows["bytes_nf4"]) / mib),
+                **{f"r{rank}": rows[f"gain_r{rank}"].clip(lower=0).clip(upper=rows["sensitivity"])
+                   / ([correction_bytes(rank, int(i), int(o)) for i, o in zip(rows["in_features"], rows["out_features"], strict=True)]
+                      if len(rows) else 1) * mib
+                   for rank in report.correction_ranks},
+            ).groupby("layer")[["keep", *[f"r{rank}" for rank in report.correction_ranks]]].mean()
+            ax.plot(per_layer.index, per_layer["keep"], "-o", ms=3.5, color=COLORS["16bit"], lw=1.8, label="16-bit")
+            for index, rank in enumerate(report.correction_ranks):
+                ax.plot(per_layer.index, per_layer[f"r{rank}"], "-", lw=1.2, color=COLORS["dynamic"],
+                        alpha=0.35 + 0.65 * (index + 1) / len(report.correction_ranks), label=f"NF4 + r{rank}")
+            layer_axis(ax, rows, tower)
+            ax.set_yscale("log")
+            ax.set_ylabel("KL removed per MiB (nats / token)")
+            ax.set_title(TOWER_TITLES[tower])
+            _legend(ax)
+    return fig
+
+
 def report_figures(report: Any, top: int = 3) -> list[Any]:
-    """Every figure the report's metrics allow: weight error, activation error, sensitivity.
+    """Every figure the report's metrics allow: weight error, activation error, sensitivity and,
+    with corrections, the gain per byte of each option.
 
     Example:
         >>> import pandas as pd
@@ -219,4 +265,6 @@ def report_figures(report: Any, top: int = 3) -> list[Any]:
         figures.append(activation_error_figure(report, top))
     if "sensitivity" in columns and (report.table["sensitivity"] > 0).any():
         figures.append(sensitivity_figure(report, top))
+        if getattr(report, "correction_ranks", None):
+            figures.append(correction_gain_figure(report))
     return figures

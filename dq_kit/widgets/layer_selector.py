@@ -213,6 +213,7 @@ class LayerSelector(widgets.VBox):
             f"{chip(COLORS['dynamic'], 'this plan')} <b class='dq-plan-size'>{human_bytes(memory.bytes_plan)}</b> "
             f"(<b>{_signed(memory.bytes_plan - memory.bytes_4bit)}</b>, {memory.plan_overhead:+.1%} over NF4; "
             f"{memory.bytes_plan / memory.bytes_16bit:.0%} of 16-bit) &nbsp;·&nbsp; {len(self.plan.keep)} module(s) in 16-bit"
+            + (f", {len(self.plan.corrections)} NF4 + low-rank correction" if self.plan.corrections else "")
         )
         uniform = float(self.report.meta["kl_uniform"])
         predicted = predicted_kl(self.report, self.plan, score=self.score)
@@ -275,12 +276,15 @@ class LayerSelector(widgets.VBox):
         ) + "</div>")
         self.table_rows.children = [header, *rows]
         more = f" — showing the top {len(shown)}; filter to see the others" if len(frame) > len(shown) else ""
-        self.table_info.value = f"{len(frame)} of {len(self._by_score)} module(s) match{more}. Tick = keep in 16-bit."
+        untick = " Untick = plain NF4 (no correction)." if self.plan.corrections else ""
+        self.table_info.value = f"{len(frame)} of {len(self._by_score)} module(s) match{more}. Tick = keep in 16-bit.{untick}"
 
     def _row_html(self, record: dict[str, Any], kept: set[str]) -> str:
         name = record["module"]
         manual = self.overrides.get(name)
-        pick = ("manual 16-bit" if manual else "manual NF4") if manual is not None else ("auto 16-bit" if name in kept else "")
+        corrected = self.plan.corrections.get(name)
+        auto = "auto 16-bit" if name in kept else (f"auto NF4+r{corrected}" if corrected else "")
+        pick = ("manual 16-bit" if manual else "manual NF4") if manual is not None else auto
         colour = COLORS["dynamic"] if name in kept else "transparent"
         cells = [
             html.escape(str(record["group"])),
