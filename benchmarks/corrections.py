@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -65,20 +66,32 @@ def current_rss() -> int:
     return 0
 
 
-def analysis_cost(model, processor, calibration, corrections: bool) -> tuple[Any, float, int]:
-    """A report, the seconds it took and the peak memory it added over what was resident before."""
+def analysis_cost(name: str, corrections: bool) -> dict[str, float]:
+    """Seconds and added peak memory of ``dq.analyze`` in a fresh process (so that neither run inherits the other's heap)."""
+    command = [sys.executable, __file__, "--measure-analysis", name, *(["--corrections"] if corrections else [])]
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def measure_analysis(name: str, corrections: bool) -> dict[str, float]:
+    """In this process: load the model and its calibration set, then time ``dq.analyze`` and the peak it adds."""
+    spec = LOADERS[name](False)
     reset_peak()
     before = current_rss()
     started = time.perf_counter()
-    report = dq.analyze(model, processor, calibration, metrics=("weight", "sensitivity"), corrections=corrections, progress=False)
-    return report, time.perf_counter() - started, peak_rss() - before
+    report = dq.analyze(spec["model"], spec["processor"], spec["calibration"][:CALIBRATION], metrics=("weight", "sensitivity"),
+                        corrections=corrections, progress=False)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "peak_added_bytes": peak_rss() - before,
+            "corrections_s": float(report.meta["timing"].get("corrections_s", 0.0))}
 
 
 def run_model(spec: dict[str, Any]) -> dict[str, Any]:
     model, processor = spec["model"], spec["processor"]
     calibration = spec["calibration"][:CALIBRATION]
-    plain, plain_s, plain_peak = analysis_cost(model, processor, calibration, corrections=False)
-    report, corrected_s, corrected_peak = analysis_cost(model, processor, calibration, corrections=True)
+    plain = analysis_cost(spec["name"], corrections=False)
+    corrected = analysis_cost(spec["name"], corrections=True)
+    report = dq.analyze(model, processor, calibration, metrics=("weight", "sensitivity"), corrections=True, progress=False)
     heldout = HeldOut(model, spec["heldout"], processor)
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -110,11 +123,11 @@ def run_model(spec: dict[str, Any]) -> dict[str, Any]:
         "ranks": report.meta.get("correction_ranks"),
         "kl_nf4": nf4["kl"],
         "analysis": {
-            "without_corrections_s": round(plain_s, 1),
-            "with_corrections_s": round(corrected_s, 1),
-            "without_corrections_peak_added_bytes": plain_peak,
-            "with_corrections_peak_added_bytes": corrected_peak,
-            "corrections_s": round(float(report.meta["timing"].get("corrections_s", float("nan"))), 1),
+            "without_corrections_s": round(plain["seconds"], 1),
+            "with_corrections_s": round(corrected["seconds"], 1),
+            "without_corrections_peak_added_bytes": plain["peak_added_bytes"],
+            "with_corrections_peak_added_bytes": corrected["peak_added_bytes"],
+            "corrections_s": round(corrected["corrections_s"], 1),
         },
         "points": points,
     }
@@ -170,7 +183,7 @@ def write_markdown(results: list[dict[str, Any]], peaks: list[dict[str, Any]], s
             f"corrections, {analysis['with_corrections_s']} s with (fitting: {analysis['corrections_s']} s); peak memory added "
             f"{analysis['without_corrections_peak_added_bytes'] / 2**20:.0f} MiB without, "
             f"{analysis['with_corrections_peak_added_bytes'] / 2**20:.0f} MiB with (model weights "
-            f"{result['weight_bytes'] / 2**20:.0f} MiB).",
+            f"{result['weight_bytes'] / 2**20:.0f} MiB; each analysis in a fresh process, VmHWM over the RSS before it).",
             "",
         ]
     lines += [
@@ -206,8 +219,13 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(LOADERS), help=f"comma-separated subset of {list(LOADERS)}")
     parser.add_argument("--threads", type=int, default=2, help="torch threads")
     parser.add_argument("--from-json", action="store_true", help="only re-render the markdown from corrections.json")
+    parser.add_argument("--measure-analysis", help=argparse.SUPPRESS)  # internal: one analysis in a fresh process
+    parser.add_argument("--corrections", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.measure_analysis:
+        print(json.dumps(measure_analysis(args.measure_analysis, args.corrections)))
+        return
     started = time.perf_counter()
     json_path = RESULTS / "corrections.json"
     if args.from_json:

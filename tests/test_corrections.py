@@ -199,6 +199,8 @@ def test_load_with_corrections_is_closer_to_16bit_and_verified(llama):
     assert ADAPTER_NAME in model.peft_config and correction_ranks(model) == plan.corrections
     assert not any(p.requires_grad for p in model.parameters())
     dq.verify(model, plan)
+    table = dq.inspect(model).set_index("name")
+    assert table["correction"][table["correction"] > 0].to_dict() == plan.corrections and not table.loc[list(plan.corrections), "quantized"].eq(False).any()
     dropped = next(iter(plan.corrections))
     with pytest.raises(dq.VerificationError, match=f"1 correction\\(s\\) in the dq_correction adapter that the plan does not have: {dropped}"):
         dq.verify(model, plan.with_corrections({dropped: 0}))

@@ -47,7 +47,7 @@ class PlanOptions:
     threshold: float | None = field(default=None, metadata={"help": "keep every module whose score is at least this"})
     top_k: int | None = field(default=None, metadata={"help": "keep the top_k highest-scoring modules (after fusing)"})
     keep: tuple[str, ...] = field(default=(), metadata={"help": "names or regexes always kept in 16-bit (counted in the budget)"})
-    quantize: tuple[str, ...] = field(default=(), metadata={"help": "names or regexes never kept"})
+    quantize: tuple[str, ...] = field(default=(), metadata={"help": "names or regexes left in plain NF4 (never kept, never corrected)"})
     preset: bool = field(default=False, metadata={"help": "start from the architecture preset, add automatic picks on top"})
     score: str = field(default="sensitivity", metadata={"help": "report column to maximise (estimated KL removed, in nats)"})
     fuse: bool = field(default=False, metadata={"help": "q/k/v and gate/up projections of one block share a decision"})

@@ -56,7 +56,7 @@ def plan(
         threshold: instead of a budget, keep every module whose ``score`` is at least this.
         top_k: instead of a budget, keep the ``top_k`` highest-scoring modules (after fusing).
         keep: names or regexes always kept (their cost counts against the budget).
-        quantize: names or regexes never kept.
+        quantize: names or regexes left in plain NF4 (never kept, never corrected).
         preset: start from the architecture preset and add automatic picks on top.
         score: report column to maximise (``"sensitivity"``: estimated KL removed, in nats).
         fuse: give q/k/v and gate/up projections of one block a shared decision (off by default:
@@ -64,7 +64,8 @@ def plan(
             one closed 48% of the KL gap at +10% against 37% fused).
         refine: ``dict(model=..., calibration=..., processor=..., candidates=24)`` to measure
             calibration KL in context (:class:`dq_kit.Refiner`) instead of trusting the report's
-            independent per-module scores; budget modes only.
+            independent per-module scores; budget modes only, and 16-bit keeps only (``menu="auto"``
+            plans keeps when refining; ``"full"`` / ``"corrections"`` with ``refine=`` are refused).
         options: a :class:`dq_kit.PlanOptions` holding all of the above at once (then the other
             option arguments are ignored).
 

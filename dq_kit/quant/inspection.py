@@ -5,12 +5,14 @@ from __future__ import annotations
 from torch import nn
 
 from ..models import registry
+from .corrections import correction_factors, plain_layers
 from .memory import loaded_bytes
 from .verification import is_quantized
 
 
 def inspect(model: nn.Module):
-    """One row per Linear module: name, tower, group, layer, shape, params, quantized, dtype, bytes.
+    """One row per Linear module: name, tower, group, layer, shape, params, quantized, dtype, bytes,
+    and ``correction``: the rank of its low-rank correction (0 for none; ``bytes`` include its factors).
 
     Example:
         >>> import dq_kit as dq
@@ -20,10 +22,14 @@ def inspect(model: nn.Module):
     """
     import pandas as pd
 
-    modules = dict(model.named_modules())
+    corrections = correction_factors(model)
     rows = []
-    for info in registry.linear_modules(model):
+    with plain_layers(model) as plain:
+        modules = dict(plain.named_modules())
+        infos = registry.linear_modules(plain)
+    for info in infos:
         module = modules[info.name]
+        factors = corrections.get(info.name)
         quantized = is_quantized(module)
         rows.append(
             {
@@ -35,8 +41,10 @@ def inspect(model: nn.Module):
                 "params": info.numel + (info.out_features if info.bias else 0),
                 "quantized": quantized,
                 "dtype": getattr(module.weight, "quant_type", "int8") if quantized else str(module.weight.dtype).removeprefix("torch."),
-                "bytes": loaded_bytes(module),
+                "bytes": loaded_bytes(module) + (sum(f.numel() * f.element_size() for f in factors) if factors else 0),
+                "correction": int(factors[0].shape[0]) if factors else 0,
             }
         )
-    table = pd.DataFrame(rows, columns=["name", "tower", "group", "layer", "shape", "params", "quantized", "dtype", "bytes"])
+    columns = ["name", "tower", "group", "layer", "shape", "params", "quantized", "dtype", "bytes", "correction"]
+    table = pd.DataFrame(rows, columns=columns)
     return table.astype({"layer": "Int64"})
