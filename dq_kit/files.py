@@ -32,20 +32,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
         >>> path.read_text(), oct(path.stat().st_mode & 0o777) == oct(_usual_mode(directory=False))
         ('hello', True)
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, _usual_mode(directory=False))
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    with atomic_file(path) as tmp, open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
+    return Path(path)
 
 
 @contextmanager
@@ -67,6 +56,8 @@ def atomic_file(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield Path(tmp)
         os.chmod(tmp, _usual_mode(directory=False))
+        with open(tmp, "rb") as handle:  # on disk before it takes the name
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

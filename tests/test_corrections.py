@@ -96,7 +96,10 @@ def test_ranks_above_the_module_size_are_skipped_with_a_reason(tiny_path):
     model, tokenizer = dq.load(tiny_path("llama"), quant="16bit")
     report = dq.analyze(model, tokenizer, CALIBRATION[:2], corrections=True, ranks=(4, 4096), progress=False)
     assert report.table["gain_r4096"].isna().all()
-    assert report.table["issues"].str.contains("above min\\(in, out\\)").all()
+    assert report.meta["correction_ranks_skipped"] == {"4096": len(report.table)}
+    assert not report.table["issues"].astype(bool).any()
+    assert all(reason["choice"] == "nf4+r4" for reason in dq.plan(report, budget=0.5, menu="corrections").reasons.values()
+               if "choice" in reason)
     assert report.table["gain_r4"].notna().all()
 
 

@@ -79,16 +79,15 @@ def fit_correction(delta: torch.Tensor, moment: torch.Tensor, rank: int, damping
     out_features, in_features = delta.shape
     if rank > min(out_features, in_features):
         raise AnalysisError(f"rank {rank} exceeds min(out, in) = {min(out_features, in_features)}.")
-    work = torch.float64 if delta.device.type == "cpu" else torch.float32
-    c = moment.to(work)
-    c = c + damping * c.diagonal().mean().clamp_min(1e-12) * torch.eye(in_features, dtype=work, device=c.device)
-    values, vectors = torch.linalg.eigh(c)
+    c = moment.float()
+    c = c + damping * c.diagonal().mean().clamp_min(1e-12) * torch.eye(in_features, dtype=c.dtype, device=c.device)
+    values, vectors = torch.linalg.eigh(c)  # C = V diag(λ) Vᵀ, so S = C^½ = V diag(√λ) Vᵀ
     root = values.clamp_min(values.max() * 1e-12).sqrt()
-    s = (vectors * root) @ vectors.T
-    s_inv = (vectors / root) @ vectors.T
-    u, sigma, vh = torch.linalg.svd(delta.to(work) @ s, full_matrices=False)
+    # SVD of ΔW·S = (ΔW V diag(√λ)) Vᵀ: the same U and Σ as of ΔW V diag(√λ), right vectors rotated by Vᵀ;
+    # then A = V_rᵀ S⁻¹ = Vh_r diag(1/√λ) Vᵀ. S and S⁻¹ are never formed.
+    u, sigma, vh = torch.linalg.svd((delta.float() @ vectors) * root, full_matrices=False)
     b = u[:, :rank] * sigma[:rank]
-    a = vh[:rank] @ s_inv
+    a = (vh[:rank] / root) @ vectors.T
     return a.to(torch.bfloat16), b.to(torch.bfloat16)
 
 
@@ -149,7 +148,15 @@ class InputMoments:
         return hook
 
     def moment(self, name: str) -> torch.Tensor | None:
-        """``E[x xᵀ]`` of ``name``'s inputs (``None`` when the module never ran)."""
+        """``E[x xᵀ]`` of ``name``'s inputs (``None`` when the module never ran).
+
+        Example:
+            >>> lin = nn.Linear(2, 2)
+            >>> with InputMoments({"lin": lin}) as moments:
+            ...     _ = lin(torch.tensor([[1.0, 2.0], [3.0, 0.0]]))
+            >>> moments.moment("lin").tolist()
+            [[5.0, 1.0], [1.0, 2.0]]
+        """
         key = self.owner.get(name)
         if key is None or not self.counts.get(key):
             return None
@@ -178,15 +185,15 @@ def fit_corrections(
 
     Returns:
         ``({name: (A, B)}, {name: [reason, ...]})``: factors at the fitted rank, and why a module has
-        none or fewer ranks than asked (never ran on calibration data, non-finite fit, ranks above
-        ``min(in, out)``).
+        none (never ran on calibration data, non-finite fit). Ranks above ``min(in, out)`` are
+        skipped: the report's gain of such a rank is NaN.
 
     Example:
         >>> lin = nn.Linear(8, 8)
         >>> factors, notes = fit_corrections({"lin": lin}, lambda n: torch.randn(8, 8), lambda: lin(torch.randn(5, 8)), [4, 16],
         ...                                  progress=False)
-        >>> tuple(factors["lin"][0].shape), notes["lin"]
-        ((4, 8), ['rank(s) [16] above min(in, out) = 8: skipped'])
+        >>> tuple(factors["lin"][0].shape), notes
+        ((4, 8), {})
     """
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     notes: dict[str, list[str]] = {}
@@ -226,10 +233,7 @@ def fit_from_moments(
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     notes: dict[str, list[str]] = {}
     for name, module in moments.modules.items():
-        cap = min(module.in_features, module.out_features)
-        if too_big := [r for r in ranks if r > cap]:
-            notes.setdefault(name, []).append(f"rank(s) {too_big} above min(in, out) = {cap}: skipped")
-        usable = [r for r in ranks if r <= cap]
+        usable = [r for r in ranks if r <= min(module.in_features, module.out_features)]  # larger ones: NaN gains
         moment = moments.moment(name)
         if not usable:
             continue

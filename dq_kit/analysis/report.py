@@ -100,7 +100,12 @@ class QuantReport:
 
     @property
     def has_corrections(self) -> bool:
-        """Whether the report carries fitted corrections (gains and factors)."""
+        """Whether the report carries fitted corrections (gains and factors).
+
+        Example:
+            >>> QuantReport(pd.DataFrame({"module": ["a"], "gain_r4": [0.1]})).has_corrections   # gains without factors
+            False
+        """
         return bool(self.correction_ranks) and bool(self.corrections)
 
     def default_metric(self) -> str:
@@ -335,5 +340,8 @@ def build_report(
     blocks = pd.DataFrame(block_rows, columns=list(BLOCK_COLUMNS))
     blocks["layer"] = blocks["layer"].astype("Int64")
     if ranks:
-        meta = {**meta, "correction_ranks": list(ranks)}
+        too_big = {str(rank): sum(rank > min(i.in_features, i.out_features) for i in infos) for rank in ranks}
+        meta = {**meta, "correction_ranks": list(ranks),
+                # why a gain is NaN: the rank exceeds the module's min(in, out), so it is not offered for that module
+                "correction_ranks_skipped": {rank: n for rank, n in too_big.items() if n}}
     return QuantReport(table, blocks, meta, corrections)

@@ -99,6 +99,7 @@ class FisherAccumulator:
         self.ranks = tuple(ranks)
         self.totals: dict[str, float] = {}
         self.rank_totals: dict[str, dict[int, float]] = {}
+        self._factors: dict[str, tuple[torch.Tensor, ...]] = {}  # fp32 copies, made once
 
     def accumulate(self) -> None:
         """Add this sample's ``Σ (g ⊙ ΔW)²`` for every weight with a gradient, and reset the gradients."""
@@ -115,8 +116,7 @@ class FisherAccumulator:
 
     def _accumulate_ranks(self, name: str, grad: torch.Tensor, delta: torch.Tensor) -> None:
         """``Σ (g ⊙ (ΔW_4bit + B_r·A_r))²`` for every menu rank the module's correction provides."""
-        a, b = self.corrections[name]
-        a, b = a.to(delta.device, torch.float32), b.to(delta.device, torch.float32)
+        a, b = self._factors.setdefault(name, tuple(f.to(delta.device, torch.float32) for f in self.corrections[name]))
         totals = self.rank_totals.setdefault(name, {})
         done = 0
         for rank in residual_ranks(a.shape[0], self.ranks):

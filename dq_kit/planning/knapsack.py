@@ -1,8 +1,8 @@
 """The exact knapsack behind every budgeted plan: choose items (modules, or groups that share a decision)
 of the largest total value whose extra bytes fit a capacity.
 
-Dynamic programming on bytes bucketed to 1/4096 of the capacity (costs rounded up, so a chosen set
-always fits), not a greedy ratio sort: modules differ in size by 100x (an lm_head vs a k_proj), where
+Dynamic programming on bytes bucketed to 1/4096 of the capacity, finer for small items (costs
+rounded up, so a chosen set always fits), not a greedy ratio sort: modules differ in size by 100x (an lm_head vs a k_proj), where
 greedy wastes budget.
 
 Example:
@@ -21,9 +21,10 @@ import numpy as np
 from ..errors import PlanError
 from ..units import human_bytes
 
-__all__ = ["BUCKETS", "Item", "select_options", "select_within"]
+__all__ = ["BUCKETS", "MAX_BUCKETS", "Item", "bucket_bytes", "select_options", "select_within"]
 
 BUCKETS = 4096
+MAX_BUCKETS = 65536
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,17 @@ def select_within(items: list[Item], capacity: int, forced_cost: int) -> list[It
         [Item(names=('a',), value=1.0, cost=10, rank=0)]
     """
     return select_options([[item] for item in items], capacity, forced_cost)
+
+
+def bucket_bytes(room: int, smallest: int) -> float:
+    """The byte resolution of the knapsack: 1/4096 of the budget, finer when the smallest item is
+    smaller than 8 buckets (a rank-4 correction next to whole 16-bit layers), never more than 65536 buckets.
+
+    Example:
+        >>> bucket_bytes(4096 * 1000, smallest=10**6), bucket_bytes(4096 * 1000, smallest=800)
+        (1000.0, 100.0)
+    """
+    return max(min(room / BUCKETS, smallest / 8), room / MAX_BUCKETS, 1.0)
 
 
 def select_options(groups: list[list[Item]], capacity: int, forced_cost: int) -> list[Item]:
@@ -80,7 +92,7 @@ def select_options(groups: list[list[Item]], capacity: int, forced_cost: int) ->
         )
     if not affordable:
         return []
-    unit = max(room / BUCKETS, 1.0)
+    unit = bucket_bytes(room, min(item.cost for group in affordable for item in group))
     size = int(room // unit)
     best = np.zeros(size + 1)
     took = np.full((len(affordable), size + 1), -1, dtype=np.int16)

@@ -71,8 +71,8 @@ class PlanOptions:
             raise PlanError(f"score must be the name of a report column, got {self.score!r}.")
         if self.menu not in MENUS:
             raise PlanError(f"menu must be one of {MENUS}, got {self.menu!r}.")
-        if self.menu in ("full", "corrections") and self.mode != "budget":
-            raise PlanError(f"menu={self.menu!r} chooses corrections under a budget: use budget= or budget_bytes=, not threshold= or top_k=.")
+        if self.menu in ("full", "corrections"):
+            self.require_budget(f"menu={self.menu!r}")
 
     @property
     def mode(self) -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 
+from ..analysis.report import GAIN_PREFIX
 from ..errors import PlanError
 from ..models import registry
 from ..quant.memory import correction_bytes
@@ -108,7 +109,7 @@ def menu_groups(report: Any, rows: Any, candidates: list[str], score: str, fuse:
         >>> [(i.rank, i.cost) for i in menu_groups(None, rows, ["m"], "s", False, "full")[0]]
         [(0, 570), (4, 320)]
     """
-    ranks = sorted(int(c[len("gain_r"):]) for c in rows.columns if c.startswith("gain_r") and c[len("gain_r"):].isdigit())
+    ranks = sorted(int(c[len(GAIN_PREFIX):]) for c in rows.columns if c.startswith(GAIN_PREFIX) and c[len(GAIN_PREFIX):].isdigit())
     fitted = {name: int(a.shape[0]) for name, (a, _) in getattr(report, "corrections", {}).items()} if report is not None else None
     groups = []
     for keep_item in candidate_items(rows, candidates, score, fuse):
@@ -124,7 +125,7 @@ def menu_groups(report: Any, rows: Any, candidates: list[str], score: str, fuse:
 
 
 def _correctable(rows: Any, name: str, rank: int, fitted: dict[str, int] | None) -> bool:
-    gain = rows.at[name, f"gain_r{rank}"]
+    gain = rows.at[name, f"{GAIN_PREFIX}{rank}"]
     return not pd.isna(gain) and (fitted is None or fitted.get(name, 0) >= rank)
 
 
@@ -139,7 +140,8 @@ def option_gain(rows: Any, name: str, rank: int, score: str = "sensitivity") -> 
     total = max(float(rows.at[name, score]), 0.0)
     if not rank:
         return total
-    gain = rows.at[name, f"gain_r{rank}"] if f"gain_r{rank}" in rows.columns else float("nan")
+    column = f"{GAIN_PREFIX}{rank}"
+    gain = rows.at[name, column] if column in rows.columns else float("nan")
     if pd.isna(gain):
         raise PlanError(f"The report has no rank-{rank} correction for {name!r}; re-run dq.analyze(..., corrections=True) "
                         "with that rank in ranks=.")

@@ -36,7 +36,7 @@ from ..files import atomic_directory, atomic_write_text, read_json, write_json
 from ..models import registry
 from ..models.resolution import meta_model
 from ..units import human_bytes
-from .corrections import ADAPTER_NAME, base_linears, base_model, has_corrections, plain_layers, read_factors
+from .corrections import base_linears, base_model, has_corrections, plain_layers, read_factors, report_factors, save_correction_adapter
 from .memory import MemoryEstimate, estimate_memory, loaded_bytes
 from .plan import Plan, matches_skip_pattern
 from .verification import is_quantized, verify
@@ -86,6 +86,8 @@ def save(
     corrected = has_corrections(model)
     if not isinstance(base_model(model), PreTrainedModel) or (not corrected and not isinstance(model, PreTrainedModel)):
         raise DQError(f"dq.save needs a transformers model, got {type(model).__name__} (merge or unwrap adapters first).")
+    if corrected and base_model(model) is model:
+        raise DQError("This model's low-rank corrections belong to the PEFT model dq.quantize / dq.load returned: save that one.")
     quantized = any(is_quantized(module) for module in model.modules())
     with plain_layers(model) as plain:
         plan = plan or getattr(plain, "dq_plan", None) or (_plan_of(plain) if quantized else None)
@@ -93,7 +95,7 @@ def save(
             plan.check(plain)
     if plan is not None and quantized:
         verify(model, plan)
-    if plan is not None and plan.corrections and not corrected and not getattr(report, "corrections", None):
+    if plan is not None and plan.corrections and not corrected and not report_factors(report):
         raise PlanError(
             f"The plan corrects {len(plan.corrections)} module(s) but neither the model nor report= carries the factors: "
             "pass the report from dq.analyze(..., corrections=True)."
@@ -103,7 +105,7 @@ def save(
         with plain_layers(model) as plain:
             plain.save_pretrained(folder)
         if corrected:
-            model.save_pretrained(folder, selected_adapters=[ADAPTER_NAME])  # writes folder/dq_correction/
+            save_correction_adapter(model, folder, Path(path).expanduser().resolve())
         if quantized:
             _write_exact_skip_list(folder / "config.json", plan)
         if processor is not None:

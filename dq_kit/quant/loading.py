@@ -13,7 +13,7 @@ from ..errors import DQError, ModelNotFoundError, PlanError
 from ..models.registry import family_of
 from ..models.resolution import auto_class, default_device_map, default_dtype, local_or_hub, meta_model, resolve_config
 from .checkpoint import checkpoint_file, plan_from_checkpoint, prequantized_config, saved_report_factors
-from .corrections import ADAPTER_NAME, attach_corrections
+from .corrections import ADAPTER_NAME, attach_corrections, match_compute_dtype, report_factors
 from .plan import Plan
 from .verification import verify
 
@@ -106,14 +106,16 @@ def _with_corrections(model: nn.Module, plan: Plan, report: Any, reference: str 
     """Attach the plan's corrections: from ``report``, else the checkpoint's ``dq_correction`` adapter."""
     if not plan.corrections:
         return model
-    if report is None and checkpoint_file(reference, f"{ADAPTER_NAME}/adapter_config.json") is not None:
+    factors = report_factors(report)
+    if not factors and checkpoint_file(reference, f"{ADAPTER_NAME}/adapter_config.json") is not None:
         from peft import PeftModel
 
-        model = PeftModel.from_pretrained(model, reference, subfolder=ADAPTER_NAME, adapter_name=ADAPTER_NAME, is_trainable=False)
+        model = PeftModel.from_pretrained(model, reference, subfolder=ADAPTER_NAME, adapter_name=ADAPTER_NAME, is_trainable=False,
+                                          autocast_adapter_dtype=False)
+        match_compute_dtype(model)
         model.eval()
         return model
-    factors = getattr(report, "corrections", None) or saved_report_factors(reference, model) or {}
-    return attach_corrections(model, plan, factors)
+    return attach_corrections(model, plan, factors or saved_report_factors(reference, model) or {})
 
 
 def load_processor(reference: str | os.PathLike, config: Any = None, *, trust_remote_code: bool = False) -> Any:

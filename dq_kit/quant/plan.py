@@ -168,8 +168,17 @@ class Plan:
         quantize = set(quantize)
         added = set(keep) - set(self.keep)
         reasons = {n: r for n, r in self.reasons.items() if n not in quantize} | {n: {"rule": reason} for n in added}
-        corrections = {n: r for n, r in self.corrections.items() if n not in added}
+        corrections = {n: r for n, r in self.corrections.items() if n not in added and n not in quantize}
         return replace(self, keep=tuple((set(self.keep) | set(keep)) - quantize), reasons=reasons, corrections=corrections)
+
+    def without_corrections(self) -> Plan:
+        """A copy with no correction (those modules plain NF4), e.g. once the corrections are merged or trained.
+
+        Example:
+            >>> Plan(keep=("a",), corrections={"b": 8}).without_corrections().corrections
+            {}
+        """
+        return replace(self, corrections={}, reasons={n: r for n, r in self.reasons.items() if n not in self.corrections})
 
     def with_corrections(self, ranks: dict[str, int], reason: str = "manual") -> Plan:
         """A copy where each module of ``ranks`` gets an NF4 + rank-r correction (rank 0 removes it; a kept module goes back to NF4).
@@ -245,10 +254,10 @@ class Plan:
     # ---- persistence -------------------------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict (the on-disk format)."""
-        return {
+        """A JSON-ready dict (the on-disk format: version 2 with corrections, else version 1)."""
+        data = {
             "format": PLAN_FORMAT,
-            "version": PLAN_VERSION,
+            "version": PLAN_VERSION if self.corrections else 1,  # plans without corrections stay readable by older dq_kit
             "model_type": self.model_type,
             "family": self.family,
             "quant_type": self.quant_type,
@@ -257,8 +266,10 @@ class Plan:
             "keep": list(self.keep),
             "fixed": list(self.fixed),
             "reasons": self.reasons,
-            "corrections": self.corrections,
         }
+        if self.corrections:
+            data["corrections"] = self.corrections
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Plan:

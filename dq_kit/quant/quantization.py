@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import DQError, PlanError
-from .corrections import attach_corrections
+from .corrections import attach_corrections, check_factors, report_factors
 from .plan import Plan
 from .verification import is_quantized, verify
 
@@ -63,12 +63,13 @@ def quantize(model: PreTrainedModel, plan: Plan | None = None, *, report: Any = 
     _check_quantizable(model)
     plan = plan if plan is not None else Plan.preset(model)
     plan.check(model)
-    factors = getattr(report, "corrections", None) or {}
+    factors = report_factors(report)
     if plan.corrections and not factors:
         raise PlanError(
             f"The plan corrects {len(plan.corrections)} module(s) but no factors were given: pass report= (the report from "
             "dq.analyze(..., corrections=True) that the plan was made from)."
         )
+    check_factors(model, plan, factors)  # before the model changes
 
     from transformers.quantizers.auto import AutoHfQuantizer
 

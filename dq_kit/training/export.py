@@ -128,6 +128,8 @@ def merge_to_16bit(
     model.to(dtype)
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    if getattr(model, "dq_plan", None) is not None:  # merged corrections are part of the 16-bit weights now
+        model.dq_plan = model.dq_plan.without_corrections()
     if getattr(model, "is_activation_checkpointing", False):
         model.activation_checkpointing_disable()
     model.eval()

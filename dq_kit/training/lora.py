@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import DQError
 from ..models.registry import ModuleInfo, linear_modules
-from ..quant.corrections import strip_corrections
+from ..quant.corrections import has_corrections, plain_layers, strip_corrections
 from ..quant.verification import is_quantized
 from .cpu_repacking import make_4bit_trainable
 
@@ -116,19 +116,20 @@ def add_lora(
     """
     if init not in ("correction", "standard"):
         raise DQError(f"init must be 'correction' or 'standard', got {init!r}.")
-    model, corrections = strip_corrections(model)
-    if isinstance(model, PeftModel):
+    if isinstance(model, PeftModel) and not has_corrections(model):
         raise DQError("The model already has LoRA adapters; pass the base model, or keep training this one.")
-    if init == "standard":
-        corrections = {}
-    targets = lora_targets(model, vision=vision, language=language, attention=attention, mlp=mlp, target_modules=target_modules)
+    with plain_layers(model) as plain:
+        targets = lora_targets(plain, vision=vision, language=language, attention=attention, mlp=mlp, target_modules=target_modules)
+        groups = sorted({info.group for info in linear_modules(plain)})
     if not targets:
-        groups = sorted({info.group for info in linear_modules(model)})
         raise DQError(
             f"add_lora selected no module (vision={vision}, language={language}, attention={attention}, mlp={mlp}, "
             f"target_modules={target_modules!r}). This model's Linear groups are: {', '.join(groups)}. "
             "Switch on at least one tower and one module kind present in the model."
         )
+    model, corrections = strip_corrections(model)  # validated above: from here on the model changes
+    if init == "standard":
+        corrections = {}
     checkpoint_kwargs = {"use_reentrant": False}
     if any(is_quantized(module) for module in model.modules()):
         make_4bit_trainable(model)
@@ -136,7 +137,8 @@ def add_lora(
     if gradient_checkpointing:
         model.activation_checkpointing_enable(activation_checkpointing_kwargs=checkpoint_kwargs)
         model.enable_input_require_grads()
-    ranks = {name: max(r, int(a.shape[0])) for name, (a, _) in corrections.items()}
+    # trained modules get max(r, correction rank); frozen ones (outside the selection) exactly the correction's rank
+    ranks = {name: max(r, int(a.shape[0])) if name in targets else int(a.shape[0]) for name, (a, _) in corrections.items()}
     patterns = {re.escape(name): rank for name, rank in ranks.items() if rank != r}
     config = LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=sorted(set(targets) | set(corrections)), bias="none",
