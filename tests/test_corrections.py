@@ -312,3 +312,44 @@ def test_cli_analyze_and_plan_with_corrections(tiny_path, tmp_path):
     assert (tmp_path / "report.corrections.safetensors").is_file()
     assert main(["plan", str(report_file), "--out", str(tmp_path / "plan.json"), "--budget", "0.2", "--menu", "corrections"]) == 0
     assert dq.Plan.load(tmp_path / "plan.json").corrections
+
+
+def test_merge_and_requantize_after_training_from_the_correction(llama):
+    path, _, _, report, inputs, _ = llama
+    plan = dq.plan(report, budget=0.2, menu="corrections")
+    model, _ = dq.load(path, quant="dynamic", plan=plan, report=report, processor=False)
+    peft_model = dq.add_lora(model, r=2)
+    assert peft_model.get_base_model().dq_plan.corrections == {}  # the corrections live in the trainable adapter now
+    merged = dq.merge_to_16bit(peft_model)
+    assert merged.dq_plan.corrections == {}
+    requantized = dq.requantize(merged)
+    assert not hasattr(requantized, "peft_config")
+    with torch.no_grad():
+        assert torch.isfinite(requantized(**inputs).logits).all()
+
+
+def test_corrected_model_dtype_and_saved_adapter_config(llama, tmp_path):
+    path, _, _, report, inputs, _ = llama
+    plan = dq.plan(report, budget=0.2, menu="corrections")
+    model, _ = dq.load(path, quant="dynamic", plan=plan, report=report, processor=False, dtype=torch.bfloat16)
+    factors = [p for n, p in model.named_parameters() if ADAPTER_NAME in n]
+    assert factors and all(p.dtype == torch.bfloat16 for p in factors)  # 2 bytes per parameter, as planned
+    with torch.no_grad():
+        assert torch.isfinite(model(**inputs).logits).all()
+    checkpoint = dq.save(model, tmp_path / "ckpt")
+    config = json.loads((checkpoint / ADAPTER_NAME / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == str(checkpoint.resolve())
+    assert set(config["rank_pattern"].values()) <= set(RANKS)
+
+
+def test_bad_report_arguments_and_foreign_adapters(llama):
+    path, _, _, report, *_ = llama
+    plan = dq.plan(report, budget=0.2, menu="corrections")
+    with pytest.raises(dq.DQError, match="dq.QuantReport.load"):
+        dq.load(path, quant="dynamic", plan=plan, report="report.json", processor=False)
+    model, _ = dq.load(path, quant="dynamic", plan=plan, report=report, processor=False)
+    model.add_adapter("mine", dq.training.lora.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(dq.DQError, match="besides dq_correction"):
+        dq.add_lora(model, r=2)
+    assert ADAPTER_NAME in model.peft_config  # refused before anything changed
+    assert json.loads(json.dumps(dq.plan(report, budget=0.2, menu="keep").to_dict()))["version"] == 1
