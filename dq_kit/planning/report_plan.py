@@ -216,7 +216,7 @@ def candidate_items(rows: Any, candidates: list[str], score: str, fuse: bool) ->
     Example:
         >>> rows = pd.DataFrame({"s": [1.0, 2.0], "bytes_16bit": [10, 10], "bytes_nf4": [3, 3]}, index=["l.q_proj", "l.k_proj"])
         >>> candidate_items(rows, ["l.q_proj", "l.k_proj"], "s", fuse=True)
-        [Item(names=('l.q_proj', 'l.k_proj'), value=3.0, cost=14)]
+        [Item(names=('l.q_proj', 'l.k_proj'), value=3.0, cost=14, rank=0)]
     """
     groups: dict[str, list[str]] = {}
     for name in candidates:

@@ -60,8 +60,8 @@ def plan_correction_bytes(model: nn.Module, plan: Plan) -> int:
     Example:
         >>> import dq_kit as dq
         >>> model = dq.tiny.build_tiny_model("llama")
-        >>> plan_correction_bytes(model, dq.Plan(corrections={"model.layers.0.mlp.down_proj": 4}))
-        1280
+        >>> plan_correction_bytes(model, dq.Plan(corrections={"model.layers.0.mlp.down_proj": 4}))   # 2·4·(128 + 64)
+        1536
     """
     modules = dict(model.named_modules())
     return sum(correction_bytes(rank, modules[name].in_features, modules[name].out_features) for name, rank in plan.corrections.items())

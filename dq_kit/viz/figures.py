@@ -194,12 +194,17 @@ def sensitivity_figure(report: Any, top: int = 3):
         for ax, (tower, rows) in zip(axes, panels, strict=False):
             _scatter_groups(ax, rows, "sensitivity", 1)
             _annotate(ax, rows, "sensitivity", top, 1)
-            layer_axis(ax, rows, tower)
-            ax.set_yscale("log")
-            ax.set_ylabel("KL to 16-bit (nats / token)")
-            ax.set_title(TOWER_TITLES[tower])
-            _legend(ax)
+            _log_panel(ax, rows, tower, "KL to 16-bit (nats / token)")
     return fig
+
+
+def _log_panel(ax: Any, rows: Any, tower: str, ylabel: str) -> None:
+    """Layer axis, log scale, label, tower title and legend of one panel."""
+    layer_axis(ax, rows, tower)
+    ax.set_yscale("log")
+    ax.set_ylabel(ylabel)
+    ax.set_title(TOWER_TITLES[tower])
+    _legend(ax)
 
 
 def correction_gain_figure(report: Any):
@@ -219,32 +224,36 @@ def correction_gain_figure(report: Any):
     """
     import matplotlib
 
-    from ..quant.memory import correction_bytes
-
     meta = report.meta
-    table = report.table.dropna(subset=["sensitivity"])
-    panels = tower_panels(table)
-    mib = 2**20
+    panels = tower_panels(report.table.dropna(subset=["sensitivity"]))
     with matplotlib.rc_context(rc()):
         fig, axes = _figure(max(len(panels), 1), f"{meta.get('model_type', 'model')}: KL removed per MiB, by option")
         for ax, (tower, rows) in zip(axes, panels, strict=False):
-            per_layer = rows.assign(
-                keep=rows["sensitivity"].clip(lower=0) / ((rows["bytes_16bit"] - rows["bytes_nf4"]) / mib),
-                **{f"r{rank}": rows[f"gain_r{rank}"].clip(lower=0).clip(upper=rows["sensitivity"])
-                   / ([correction_bytes(rank, int(i), int(o)) for i, o in zip(rows["in_features"], rows["out_features"], strict=True)]
-                      if len(rows) else 1) * mib
-                   for rank in report.correction_ranks},
-            ).groupby("layer")[["keep", *[f"r{rank}" for rank in report.correction_ranks]]].mean()
-            ax.plot(per_layer.index, per_layer["keep"], "-o", ms=3.5, color=COLORS["16bit"], lw=1.8, label="16-bit")
-            for index, rank in enumerate(report.correction_ranks):
-                ax.plot(per_layer.index, per_layer[f"r{rank}"], "-", lw=1.2, color=COLORS["dynamic"],
-                        alpha=0.35 + 0.65 * (index + 1) / len(report.correction_ranks), label=f"NF4 + r{rank}")
-            layer_axis(ax, rows, tower)
-            ax.set_yscale("log")
-            ax.set_ylabel("KL removed per MiB (nats / token)")
-            ax.set_title(TOWER_TITLES[tower])
-            _legend(ax)
+            per_layer = _gain_per_mib(rows, report.correction_ranks)
+            for index, (label, values) in enumerate(per_layer.items()):
+                if index == 0:
+                    ax.plot(per_layer.index, values, "-o", ms=3.5, color=COLORS["16bit"], lw=1.8, label=label)
+                else:
+                    ax.plot(per_layer.index, values, "-", lw=1.2, color=COLORS["dynamic"],
+                            alpha=0.35 + 0.65 * index / (len(per_layer.columns) - 1), label=label)
+            _log_panel(ax, rows, tower, "KL removed per MiB (nats / token)")
     return fig
+
+
+def _gain_per_mib(rows: Any, ranks: list[int]) -> Any:
+    """Per layer, the mean estimated KL removed per MiB by 16-bit and by each correction rank (gains clipped to [0, sensitivity])."""
+    import pandas as pd
+
+    from ..quant.memory import correction_bytes
+
+    mib = 2**20
+    sensitivity = rows["sensitivity"].clip(lower=0)
+    options = {"16-bit": sensitivity / ((rows["bytes_16bit"] - rows["bytes_nf4"]) / mib)}
+    for rank in ranks:
+        cost = pd.Series([correction_bytes(rank, int(i), int(o)) for i, o in zip(rows["in_features"], rows["out_features"], strict=True)],
+                         index=rows.index, dtype=float) / mib
+        options[f"NF4 + r{rank}"] = rows[f"gain_r{rank}"].clip(lower=0).clip(upper=sensitivity) / cost
+    return pd.DataFrame(options).assign(layer=rows["layer"]).groupby("layer").mean()
 
 
 def report_figures(report: Any, top: int = 3) -> list[Any]:
