@@ -239,3 +239,27 @@ def test_live_loss_callback_non_loss_metric_gets_its_own_axis():
     callback.on_log(None, state, None, logs={"loss": 1.0, "eval_accuracy": 0.5})
     assert len(callback.figure.axes) == 2 and callback.figure.axes[1].get_ylabel() == "eval accuracy"
     assert callback.eval_metric == [(2, 0.5)]
+
+
+def test_choice_menu_overrides_corrections(tiny_path):
+    model, tokenizer = dq.load(tiny_path("llama"), quant="16bit")
+    report = dq.analyze(model, tokenizer, ["A red circle.", "Two blue squares on a mat.", "The cat sat."], corrections=True,
+                        ranks=(2, 4), progress=False)
+    selector = LayerSelector(report, budget=0.2)
+    assert selector.plan.corrections or selector.plan.keep
+    name = report.table["module"].iloc[0]
+    selector.choice(name).value = "r4"
+    assert selector.plan.corrections[name] == 4 and name not in selector.plan.keep
+    assert "manual NF4+r4" in selector._rows[name][1].value  # the tiny model's 14 modules are all in the table
+    assert "NF4 + low-rank correction" in selector.footprint.value
+    predicted_r4 = dq.predicted_kl(report, selector.plan)
+    selector.choice(name).value = "16bit"
+    assert name in selector.plan.keep and name not in selector.plan.corrections and selector.checkbox(name).value
+    selector.choice(name).value = "nf4"
+    assert name not in selector.plan.keep and name not in selector.plan.corrections
+    assert dq.predicted_kl(report, selector.plan) != predicted_r4
+    selector.choice(name).value = "auto"
+    assert selector.overrides == {} and selector.rank_overrides == {}
+    assert selector.plan == dq.plan(report, budget=0.2)
+    with pytest.raises(dq.PlanError, match="no corrections"):
+        LayerSelector(dq.analyze(model, tokenizer, ["A red circle."], progress=False)).choice(name)

@@ -1,7 +1,9 @@
 """``LayerSelector``: choose the modules kept in 16-bit live, from a ``QuantReport``, in a notebook.
 
 A budget slider (0-30% over the NF4 footprint) or a sensitivity threshold picks modules through
-:func:`dq_kit.plan`; a checkbox per module overrides a pick (overrides survive slider moves). The
+:func:`dq_kit.plan`; a checkbox per module overrides a pick (overrides survive slider moves). With a
+report that has corrections (``dq.analyze(..., corrections=True)``) the planner chooses per module
+among NF4, NF4 + a rank-r correction and 16-bit, and a choice menu per module overrides any of them. The
 panel shows the footprint of 16-bit, NF4 and the plan, the predicted KL
 (:func:`dq_kit.predicted_kl`), the plan figure and the report's error figures, and saves the plan
 or loads the dynamic model. All numbers come from the planner and the report; nothing is measured here.
@@ -95,7 +97,10 @@ class LayerSelector(widgets.VBox):
         self.model: Any = None
         self.processor: Any = None
         self.overrides: dict[str, bool] = {}
+        self.rank_overrides: dict[str, int] = {}
+        self._ranks: list[int] = report.correction_ranks if getattr(report, "has_corrections", False) else []
         self._rows: dict[str, tuple[widgets.Checkbox, widgets.HTML, widgets.HBox]] = {}
+        self._choices: dict[str, widgets.Dropdown] = {}
         self._syncing = False
         self._note = ""
         table = report.table
@@ -105,6 +110,7 @@ class LayerSelector(widgets.VBox):
         start = budget
         if plan is not None:
             self.overrides = {name: True for name in plan.keep if name in self._names}
+            self.rank_overrides = {name: rank for name, rank in plan.corrections.items() if name in self._names}
             start = report_memory(report, plan).plan_overhead
         self.mode = widgets.ToggleButtons(options=[("Budget", "budget"), ("Threshold", "threshold")], value="budget",
                                           style={"button_width": "88px"},
@@ -156,6 +162,18 @@ class LayerSelector(widgets.VBox):
             raise PlanError(f"No module {module!r} in this report (names look like {next(iter(self._names))!r}).")
         return self._row(module)[0]
 
+    def choice(self, module: str) -> widgets.Dropdown:
+        """The choice menu of ``module`` (reports with corrections): ``"auto"`` (the planner decides),
+        ``"nf4"``, ``"r<rank>"`` (NF4 + that correction) or ``"16bit"``; setting its value is a manual pick.
+
+        Example:
+            >>> selector.choice("model.language_model.layers.0.mlp.down_proj").value = "r16"   # doctest: +SKIP
+        """
+        if not self._ranks:
+            raise PlanError("This report has no corrections: re-run dq.analyze(..., corrections=True) to choose them here.")
+        self.checkbox(module)
+        return self._choices[module]
+
     def save(self) -> Path:
         """Write ``self.plan`` to the path in the "Plan file" box (atomic JSON) and return where it went.
 
@@ -179,7 +197,7 @@ class LayerSelector(widgets.VBox):
         if self.model_ref is None:
             raise DQError("No model to load: create the selector with model_ref=<hub id or folder>.")
         self._say(f"Loading {html.escape(str(self.model_ref))} in dynamic 4-bit…")
-        self.model, self.processor = load(self.model_ref, quant="dynamic", plan=self.plan)
+        self.model, self.processor = load(self.model_ref, quant="dynamic", plan=self.plan, report=self.report)
         self._say(f"Loaded: {len(self.plan.keep)} module(s) in 16-bit, {human_bytes(loaded_bytes(self.model))} in memory "
                   "— it is in <code>selector.model</code> (processor: <code>selector.processor</code>).")
         return self.model
@@ -195,14 +213,16 @@ class LayerSelector(widgets.VBox):
 
     def _replan(self) -> None:
         keep = [re.escape(n) for n, kept in self.overrides.items() if kept]
-        quantize = [re.escape(n) for n, kept in self.overrides.items() if not kept]
+        # manual corrections leave the knapsack (as plain NF4) and are put back with their rank below
+        quantize = [re.escape(n) for n, kept in self.overrides.items() if not kept] + [re.escape(n) for n in self.rank_overrides]
         selection = {"budget": self.budget.value} if self.mode.value == "budget" else {"threshold": self.threshold.value}
         self._note = ""
         try:
-            self.plan = make_plan(self.report, keep=keep, quantize=quantize, score=self.score, **selection)
+            chosen = make_plan(self.report, keep=keep, quantize=quantize, score=self.score, **selection)
         except PlanError as exc:
-            self.plan = make_plan(self.report, top_k=0, keep=keep, quantize=quantize, score=self.score)
+            chosen = make_plan(self.report, top_k=0, keep=keep, quantize=quantize, score=self.score)
             self._note = f"Only your manual picks are kept: {exc}"
+        self.plan = chosen.with_corrections(self.rank_overrides) if self.rank_overrides else chosen
         self._refresh()
 
     def _refresh(self) -> None:
@@ -238,17 +258,44 @@ class LayerSelector(widgets.VBox):
                                    description_allow_html=False)
             text = widgets.HTML(layout=widgets.Layout(width="100%"))
             box.observe(lambda change, name=name: self._pick(name, change["new"]), names="value")
-            self._rows[name] = (box, text, widgets.HBox([box, text], layout=widgets.Layout(align_items="center")))
+            controls: list[widgets.Widget] = [box]
+            if self._ranks:
+                menu = widgets.Dropdown(options=[("auto", "auto"), ("NF4", "nf4"), *[(f"NF4 + r{r}", f"r{r}") for r in self._ranks],
+                                                 ("16-bit", "16bit")], value="auto", layout=widgets.Layout(width="110px"))
+                menu.observe(lambda change, name=name: self._choose(name, change["new"]), names="value")
+                self._choices[name] = menu
+                controls.append(menu)
+            self._rows[name] = (box, text, widgets.HBox([*controls, text], layout=widgets.Layout(align_items="center")))
         return self._rows[name]
+
+    def _manual_choice(self, name: str) -> str:
+        if name in self.rank_overrides:
+            return f"r{self.rank_overrides[name]}"
+        if name in self.overrides:
+            return "16bit" if self.overrides[name] else "nf4"
+        return "auto"
 
     def _pick(self, name: str, kept: bool) -> None:
         if self._syncing:
             return
         self.overrides[name] = kept
+        self.rank_overrides.pop(name, None)
+        self._replan()
+
+    def _choose(self, name: str, value: str) -> None:
+        if self._syncing:
+            return
+        self.overrides.pop(name, None)
+        self.rank_overrides.pop(name, None)
+        if value in ("nf4", "16bit"):
+            self.overrides[name] = value == "16bit"
+        elif value != "auto":
+            self.rank_overrides[name] = int(value.removeprefix("r"))
         self._replan()
 
     def _reset(self) -> None:
         self.overrides.clear()
+        self.rank_overrides.clear()
         self._replan()
 
     def _show_rows(self) -> None:
@@ -266,17 +313,20 @@ class LayerSelector(widgets.VBox):
             for record in shown.to_dict("records"):
                 box, text, row = self._row(record["module"])
                 box.value = record["module"] in kept
+                if record["module"] in self._choices:
+                    self._choices[record["module"]].value = self._manual_choice(record["module"])
                 text.value = self._row_html(record, kept)
                 rows.append(row)
         finally:
             self._syncing = False
-        header = widgets.HTML(f"<div style='{_ROW_GRID};font-weight:600;margin-left:32px'>" + "".join(
+        indent = 32 + (116 if self._ranks else 0)  # past the checkbox (and the choice menu)
+        header = widgets.HTML(f"<div style='{_ROW_GRID};font-weight:600;margin-left:{indent}px'>" + "".join(
             f"<span title='{tip}'>{label}</span>" for label, tip in (*_HEADER, (self.score.replace("_", " "), "the planner's score"),
                                                                       ("pick", "auto: chosen by the slider; manual: your tick"))
         ) + "</div>")
         self.table_rows.children = [header, *rows]
         more = f" — showing the top {len(shown)}; filter to see the others" if len(frame) > len(shown) else ""
-        untick = " Untick = plain NF4 (no correction)." if self.plan.corrections else ""
+        untick = " Untick = plain NF4; the menu picks NF4, a correction rank or 16-bit." if self._ranks else ""
         self.table_info.value = f"{len(frame)} of {len(self._by_score)} module(s) match{more}. Tick = keep in 16-bit.{untick}"
 
     def _row_html(self, record: dict[str, Any], kept: set[str]) -> str:
@@ -285,6 +335,8 @@ class LayerSelector(widgets.VBox):
         corrected = self.plan.corrections.get(name)
         auto = "auto 16-bit" if name in kept else (f"auto NF4+r{corrected}" if corrected else "")
         pick = ("manual 16-bit" if manual else "manual NF4") if manual is not None else auto
+        if name in self.rank_overrides:
+            pick = f"manual NF4+r{self.rank_overrides[name]}"
         colour = COLORS["dynamic"] if name in kept else "transparent"
         cells = [
             html.escape(str(record["group"])),
