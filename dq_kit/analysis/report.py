@@ -27,7 +27,8 @@ from ..quant.memory import nf4_weight_bytes
 REPORT_FORMAT = "dq_kit.quant_report"
 REPORT_VERSION = 1
 ID_COLUMNS = ("module", "tower", "group", "layer", "numel", "bytes_16bit", "bytes_nf4", "in_features", "out_features")
-GAIN_PREFIX = "gain_r"  # column gain_r<rank>: Fisher KL removed by a rank-<rank> correction (nats/token)
+GAIN_PREFIX = "gain_r"  # column gain_r<rank>: full-Fisher KL removed by a rank-<rank> correction (nats/token)
+FULL_SENSITIVITY = "sensitivity_full"  # full-Fisher KL of quantizing the module: what the corrections menus weigh against
 CORRECTIONS_SUFFIX = ".corrections.safetensors"
 BLOCK_COLUMNS = ("block", "tower", "layer", "act_local_error", "act_accum_error", "nonfinite_samples")
 # Which metric ranks modules by default, best first.
@@ -48,8 +49,9 @@ class QuantReport:
             uniform 4-bit (``kl_uniform``), timings, dq_kit version.
         corrections: with ``analyze(..., corrections=True)``, ``{module: (A, B)}``: bf16 factors of
             the activation-weighted low-rank correction at the largest fitted rank (``deq + B @ A``);
-            the table then has ``in_features``, ``out_features`` and a ``gain_r<rank>`` column per
-            menu rank (the Fisher KL that correction removes, same units as ``sensitivity``).
+            the table then has ``in_features``, ``out_features``, ``sensitivity_full`` (the KL of
+            quantizing the module under the full Fisher quadratic form) and a ``gain_r<rank>`` column
+            per menu rank (the part of ``sensitivity_full`` that correction removes), all in nats/token.
 
     ``sensitivity`` is in nats per scored token; ``meta["kl_uniform"]`` is the measured KL of the
     all-4-bit model on the same calibration set, which the sum of ``sensitivity`` approximates.

@@ -41,7 +41,7 @@ from .common import (
     tower_and_layer_of_blocks,
 )
 from .corrections import DEFAULT_RANKS, fit_corrections
-from .report import QuantReport, build_report
+from .report import FULL_SENSITIVITY, QuantReport, build_report
 from .sensitivity import FisherAccumulator, kl_sum, sample_labels, spearman, top1_agreement
 from .sequential import analyze_sequential
 
@@ -171,7 +171,9 @@ def analyze(
         if "sensitivity" in metrics:
             if estimator in ("fisher", "both"):
                 sensitivities["sensitivity"] = outcome["fisher"].scores(num_tokens)
-                gains = outcome["fisher"].gains(num_tokens)
+                if ranks:
+                    sensitivities[FULL_SENSITIVITY] = outcome["fisher"].full_scores(num_tokens)
+                    gains = outcome["fisher"].gains(num_tokens)
             if estimator in ("loo", "both"):
                 tick = time.perf_counter()
                 loo = leave_one_out(model, samples, dequantized, progress)

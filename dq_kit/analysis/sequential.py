@@ -66,7 +66,7 @@ from .common import (
     tower_and_layer_of_blocks,
 )
 from .corrections import InputMoments, fit_corrections, fit_from_moments
-from .report import QuantReport, build_report
+from .report import FULL_SENSITIVITY, QuantReport, build_report
 from .safetensors_reader import Checkpoint
 from .sensitivity import FisherAccumulator, kl_sum, sample_labels, top1_agreement
 
@@ -340,6 +340,7 @@ class _Run:
         self.ranks = ranks
         self.factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.gains: dict[str, dict[int, float]] = {}
+        self.full_scores: dict[str, float] = {}
         self.kl: dict[str, Any] = {"kl": 0.0, "top1": 0, "num_tokens": 0, "nonfinite_positions": 0}
         self.samples: list[Any] = []
         self.timings: dict[str, float] = {}
@@ -519,6 +520,7 @@ class _Run:
                     grads[index] = x.grad
                 self.scores.update({f"{names[position]}.{name}": value for name, value in fisher.scores(self.kl["num_tokens"]).items()})
                 self.gains.update({f"{names[position]}.{name}": value for name, value in fisher.gains(self.kl["num_tokens"]).items()})
+                self.full_scores.update({f"{names[position]}.{name}": v for name, v in fisher.full_scores(self.kl["num_tokens"]).items()})
                 del fisher, params
                 _Weights.free(layer)
         return grads
@@ -544,6 +546,7 @@ class _Run:
                 fisher.accumulate()
             self.scores.update(fisher.scores(self.kl["num_tokens"]))
             self.gains.update(fisher.gains(self.kl["num_tokens"]))
+            self.full_scores.update(fisher.full_scores(self.kl["num_tokens"]))
             _Weights.free(front, only=self.layout.in_front)
 
     def report(self, estimator: str, started: float) -> QuantReport:
@@ -553,6 +556,8 @@ class _Run:
         weights = self.weights if "weight" in self.metrics else {}
         activations = {"modules": self.module_acts, "blocks": self.block_acts} if self.local else None
         sensitivities = {"sensitivity": self.scores} if self.fisher else {}
+        if self.fisher and self.ranks:
+            sensitivities[FULL_SENSITIVITY] = self.full_scores
         self.timings["total_s"] = time.perf_counter() - started
         meta["timing"] = self.timings
         blocks = {**self.front_blocks, **{name: inside for name, inside in self.layer_linears.items() if inside}}

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..analysis.report import GAIN_PREFIX
+from ..analysis.report import FULL_SENSITIVITY, GAIN_PREFIX
 from ..errors import PlanError
 from ..models import registry
 from ..quant.memory import correction_bytes
@@ -25,7 +25,7 @@ from ..quant.plan import Plan, matches_skip_pattern
 from .knapsack import Item, select_options
 from .options import PlanOptions
 
-__all__ = ["candidate_items", "expand_patterns", "extra_bytes", "menu_groups", "option_cost", "option_gain", "plan_from_report", "predicted_kl"]
+__all__ = ["candidate_items", "expand_patterns", "extra_bytes", "menu_groups", "option_cost", "option_gain", "plan_from_report", "predicted_kl", "value_column"]
 
 FUSED_PROJECTIONS = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})
 
@@ -67,7 +67,7 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
         chosen = sorted(candidate_items(rows, candidates, score, options.fuse), key=lambda i: -i.value)[: options.top_k]
     else:
         total_4bit = bytes_4bit if bytes_4bit is not None else report.meta["bytes_4bit"]
-        groups = menu_groups(report, rows, candidates, score, options.fuse, menu)
+        groups = menu_groups(report, rows, candidates, value_column(frame.columns, score, menu), options.fuse, menu)
         chosen = select_options(groups, options.capacity(total_4bit), forced_cost)
 
     ranks = {name: rank for rank, name in enumerate(frame.sort_values(score, ascending=False)["name"], start=1)}
@@ -84,7 +84,7 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
                 "extra_bytes": option_cost(rows, name, item.rank),
             }
             if item.rank:
-                reasons[name]["gain"] = option_gain(rows, name, item.rank, score)
+                reasons[name]["gain"] = option_gain(rows, name, item.rank, value_column(frame.columns, score, menu))
     return Plan(
         keep=tuple(forced_keep | {n for item in chosen if not item.rank for n in item.names}),
         fixed=base.fixed,
@@ -96,6 +96,17 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
         reasons=reasons,
         corrections={n: item.rank for item in chosen if item.rank for n in item.names},
     )
+
+
+def value_column(columns: Any, score: str, menu: str) -> str:
+    """The column that values 16-bit keeps: ``score``, except that the menus with corrections weigh
+    the default ``"sensitivity"`` in the full-Fisher form the correction gains are measured in.
+
+    Example:
+        >>> value_column(["sensitivity", "sensitivity_full"], "sensitivity", "full"), value_column(["sensitivity"], "sensitivity", "full")
+        ('sensitivity_full', 'sensitivity')
+    """
+    return FULL_SENSITIVITY if menu != "keep" and score == "sensitivity" and FULL_SENSITIVITY in columns else score
 
 
 def menu_groups(report: Any, rows: Any, candidates: list[str], score: str, fuse: bool, menu: str) -> list[list[Item]]:
@@ -165,7 +176,9 @@ def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
     """KL (nats/token) the report predicts for ``plan``: the measured uniform-NF4 KL, reduced by the
     share of the total ``score`` that the plan removes — the full score of a kept module, the
     Fisher gain of a corrected one (the estimator's scale is calibrated on the measured KL, since
-    per-module estimates do not add up exactly).
+    per-module estimates do not add up exactly). For a report with corrections, ``"sensitivity"``
+    is taken in its full-Fisher form (``sensitivity_full``), the form the gains are measured in, for
+    every plan alike.
 
     Example:
         >>> import dq_kit as dq
@@ -175,6 +188,7 @@ def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
         True
     """
     rows = report.table.set_index("module")
+    score = value_column(rows.columns, score, "full")
     scores = rows[score].clip(lower=0)
     total = float(scores.sum())
     if missing := [name for name in plan.corrections if name not in rows.index]:

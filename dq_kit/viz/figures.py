@@ -241,13 +241,14 @@ def correction_gain_figure(report: Any):
 
 
 def _gain_per_mib(rows: Any, ranks: list[int]) -> Any:
-    """Per layer, the mean estimated KL removed per MiB by 16-bit and by each correction rank (gains clipped to [0, sensitivity])."""
+    """Per layer, the mean estimated KL removed per MiB by 16-bit and by each correction rank, in the
+    full-Fisher form the planner weighs them in (gains clipped to [0, that sensitivity])."""
     import pandas as pd
 
     from ..quant.memory import correction_bytes
 
     mib = 2**20
-    sensitivity = rows["sensitivity"].clip(lower=0)
+    sensitivity = rows["sensitivity_full" if "sensitivity_full" in rows.columns else "sensitivity"].clip(lower=0)
     options = {"16-bit": sensitivity / ((rows["bytes_16bit"] - rows["bytes_nf4"]) / mib)}
     for rank in ranks:
         cost = pd.Series([correction_bytes(rank, int(i), int(o)) for i, o in zip(rows["in_features"], rows["out_features"], strict=True)],
