@@ -90,9 +90,10 @@ def analyze(
             calibration activations. Same numbers as the whole-model analysis (see
             :mod:`dq_kit.analysis.sequential`).
         corrections: also fit, for every quantizable Linear, the activation-weighted low-rank
-            correction of its 4-bit error (see :mod:`dq_kit.analysis.corrections`) and record, per
-            rank of ``ranks``, the Fisher KL it removes (``gain_r<rank>`` columns) and its bf16 factors
-            (``report.corrections``), so that :func:`dq_kit.plan` can choose NF4 + correction. Needs
+            correction of its 4-bit error (see :mod:`dq_kit.analysis.corrections`) and record its
+            bf16 factors (``report.corrections``), the module's KL under the full Fisher quadratic
+            form (``sensitivity_full``) and, per rank of ``ranks``, the part of it the correction
+            removes (``gain_r<rank>`` columns), so that :func:`dq_kit.plan` can choose NF4 + correction. Needs
             the ``"sensitivity"`` metric with the Fisher estimator; costs one extra no-grad pass
             over the calibration set per group of modules whose input second moments fit in 1 GiB.
         ranks: the correction menu (each capped at ``min(in, out)``); default ``(4, 8, 16, 32, 64)``.
