@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import LOADERS, HeldOut  # noqa: E402
 
 import dq_kit as dq  # noqa: E402
+from dq_kit.quant.memory import correction_bytes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = (0.025, 0.05, 0.10, 0.20)
@@ -140,7 +141,7 @@ def moment_peaks() -> list[dict[str, Any]]:
         skeleton = dq.modeling.meta_model(dq.modeling.resolve_config(name, prefer_shipped=True))
         widths = sorted({info.in_features for info in dq.registry.linear_modules(skeleton)})
         widest = widths[-1]
-        factors = max(2 * 64 * (info.in_features + info.out_features) for info in dq.registry.linear_modules(skeleton))
+        factors = max(correction_bytes(64, info.in_features, info.out_features) for info in dq.registry.linear_modules(skeleton))
         rows.append({"model": name, "widest_input": widest, "moment_bytes": 4 * widest**2,
                      "moment_group_cap_bytes": 2**30, "largest_factor_bytes_r64": factors})
     return rows

@@ -98,7 +98,7 @@ class QuantReport:
             >>> QuantReport(pd.DataFrame({"module": ["a"], "gain_r8": [0.1], "gain_r4": [0.05]})).correction_ranks
             [4, 8]
         """
-        return sorted(int(c[len(GAIN_PREFIX):]) for c in self.table.columns if c.startswith(GAIN_PREFIX) and c[len(GAIN_PREFIX):].isdigit())
+        return gain_ranks(self.table.columns)
 
     @property
     def has_corrections(self) -> bool:
@@ -249,6 +249,16 @@ class QuantReport:
 
     def _repr_html_(self) -> str:
         return "<pre>" + self.summary() + "</pre>" + self.table.to_html(max_rows=40)
+
+
+def gain_ranks(columns: Any) -> list[int]:
+    """The ranks of the ``gain_r<rank>`` columns among ``columns``, ascending.
+
+    Example:
+        >>> gain_ranks(["module", "gain_r16", "gain_r4", "gain_rx"])
+        [4, 16]
+    """
+    return sorted(int(c[len(GAIN_PREFIX):]) for c in columns if c.startswith(GAIN_PREFIX) and c[len(GAIN_PREFIX):].isdigit())
 
 
 def corrections_path(report_path: str | os.PathLike) -> Path:

@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from ..analysis.report import FULL_SENSITIVITY, GAIN_PREFIX
+from ..analysis.report import FULL_SENSITIVITY, GAIN_PREFIX, gain_ranks
 from ..errors import PlanError
 from ..models import registry
 from ..quant.memory import correction_bytes
@@ -120,7 +120,7 @@ def menu_groups(report: Any, rows: Any, candidates: list[str], score: str, fuse:
         >>> [(i.rank, i.cost) for i in menu_groups(None, rows, ["m"], "s", False, "full")[0]]
         [(0, 570), (4, 320)]
     """
-    ranks = sorted(int(c[len(GAIN_PREFIX):]) for c in rows.columns if c.startswith(GAIN_PREFIX) and c[len(GAIN_PREFIX):].isdigit())
+    ranks = gain_ranks(rows.columns)
     fitted = {name: int(a.shape[0]) for name, (a, _) in getattr(report, "corrections", {}).items()} if report is not None else None
     groups = []
     for keep_item in candidate_items(rows, candidates, score, fuse):
