@@ -98,7 +98,7 @@ def _add_analyze(subparsers: Any) -> None:
     parser.add_argument("--estimator", default="fisher", choices=["fisher", "loo", "both"], help="sensitivity estimator")
     parser.add_argument("--sequential", action="store_true", help="hold one block at a time (models larger than memory)")
     parser.add_argument("--corrections", action="store_true",
-                        help="also fit low-rank error corrections (written beside the report as .corrections.safetensors)")
+                        help="also fit low-rank error corrections (written beside the report as <name>.corrections.<id>.safetensors)")
     parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])
     parser.add_argument("--blocksize", type=int, default=64)
     parser.add_argument("--max-length", type=int, default=None, help="truncate text-only calibration samples")

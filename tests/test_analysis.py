@@ -139,17 +139,16 @@ def test_metric_subsets_and_options():
             analyze(model, tokenizer, ["x"], progress=False, **bad)
 
 
-def test_non_finite_weights_are_reported_per_module():
-    model, tokenizer = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
-    target = "model.layers.1.mlp.up_proj"
+def test_non_finite_weights_are_refused_naming_the_modules(tiny_path, tmp_path):
+    model, tokenizer = dq.load(tiny_path("llama"), quant="16bit")
     with torch.no_grad():
-        model.get_submodule(target).weight[0, :3] = float("nan")
-    report = analyze(model, tokenizer, ["A red circle on a blue background."], progress=False)
-    row = report.table.set_index("module").loc[target]
-    assert "3 non-finite" in row["issues"] and row["weight_error"] != row["weight_error"]
-    assert "non-finite activations" in report.table.set_index("module").loc["model.layers.1.mlp.down_proj", "issues"]
-    clean = report.table.set_index("module").loc["model.layers.0.mlp.up_proj"]
-    assert clean["issues"] == "" and clean["weight_error"] > 0
+        model.get_submodule("model.layers.1.mlp.up_proj").weight[0, :3] = float("nan")
+        model.get_submodule("model.layers.0.self_attn.q_proj").weight[1, 1] = float("inf")
+    model.save_pretrained(tmp_path / "broken")
+    with pytest.raises(AnalysisError, match=r"2 module\(s\) have NaN/inf weights: .*q_proj \(1 value.*up_proj \(3 value"):
+        analyze(tmp_path / "broken", tokenizer, ["A red circle on a blue background."], progress=False)
+    with pytest.raises(AnalysisError, match=r"NaN/inf weights: model.layers.0.self_attn.q_proj \(1 value"):  # the first streamed
+        analyze(tmp_path / "broken", tokenizer, ["A red circle on a blue background."], sequential=True, progress=False)
 
 
 def test_clear_errors(tiny_path, tmp_path):

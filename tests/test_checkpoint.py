@@ -203,9 +203,11 @@ def test_failed_save_keeps_the_previous_checkpoint(dynamic_qwen, tmp_path):
 
 def test_refuses_to_replace_a_folder_that_is_not_a_checkpoint(dynamic_qwen, tmp_path):
     (tmp_path / "notes.txt").write_text("precious")
-    with pytest.raises(dq.DQError, match="not a model checkpoint folder"):
+    with pytest.raises(dq.DQError, match=r"holds other files \(notes.txt\) and is not a model checkpoint.*overwrite=True"):
         save(dynamic_qwen[0], tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "precious"
+    save(dynamic_qwen[0], tmp_path, overwrite=True)  # the caller said so
+    assert (tmp_path / "config.json").is_file() and not (tmp_path / "notes.txt").exists()
 
 
 def test_refuses_a_plan_that_does_not_match_the_model(dynamic_qwen, tmp_path):

@@ -54,26 +54,34 @@ def quantizable_modules(model: nn.Module) -> list[registry.ModuleInfo]:
     return infos
 
 
-def measure_weight(
-    weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool
-) -> tuple[torch.Tensor, dict[str, float], str | None]:
-    """4-bit round trip of one weight, its metrics, and a problem description if it is not finite.
-
-    A weight with NaN/inf values is reported (metrics NaN) and treated as unquantized downstream.
+def measure_weight(weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> tuple[torch.Tensor, dict[str, float]]:
+    """4-bit round trip of one weight and its metrics.
 
     Example:
-        >>> deq, row, problem = measure_weight(torch.randn(64, 64), "nf4", 64, True)
-        >>> problem is None and row["weight_rel_error"] < 0.12
+        >>> deq, row = measure_weight(torch.randn(64, 64), "nf4", 64, True)
+        >>> row["weight_rel_error"] < 0.12
         True
     """
     weight = weight.detach()
-    bad = int((~torch.isfinite(weight)).sum())
-    if bad:
-        row = {column: float("nan") for column in ("weight_error", "weight_rel_error", "weight_max_abs_error",
-                                                    "weight_outlier_ratio", "weight_kurtosis")}
-        return weight, row, f"weight has {bad} non-finite value(s); left unquantized in the analysis"
     deq = quantize_roundtrip(weight, quant_type, blocksize, double_quant)
-    return deq, weight_metrics(weight, deq), None
+    return deq, weight_metrics(weight, deq)
+
+
+def check_finite_weights(weights: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`AnalysisError` naming every module whose weight holds NaN or inf.
+
+    Example:
+        >>> check_finite_weights({"layer.up": torch.tensor([1.0, float("nan")])})
+        Traceback (most recent call last):
+        ...
+        dq_kit.errors.AnalysisError: 1 module(s) have NaN/inf weights: layer.up (1 value(s)). The model is broken (a corrupt checkpoint, or an overflow when it was converted or trained); reload or repair it before analysing.
+    """
+    bad = {name: int((~torch.isfinite(weight.detach())).sum()) for name, weight in weights.items()}
+    if bad := {name: count for name, count in bad.items() if count}:
+        shown = ", ".join(f"{name} ({count} value(s))" for name, count in list(bad.items())[:8])
+        more = f" and {len(bad) - 8} more" if len(bad) > 8 else ""
+        raise AnalysisError(f"{len(bad)} module(s) have NaN/inf weights: {shown}{more}. The model is broken (a corrupt checkpoint, "
+                            "or an overflow when it was converted or trained); reload or repair it before analysing.")
 
 
 def check_options(metrics: Sequence[str], quant_type: str, blocksize: int, estimator: str) -> tuple[str, ...]:
@@ -146,6 +154,7 @@ def base_meta(model: Any, settings: dict[str, Any], metrics: Sequence[str], esti
         "model_type": config.model_type,
         "family": registry.family_of(config).name,
         "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "identity": registry.model_identity(config),
         "output_heads": heads,
         "bytes_16bit": footprint_bytes(model, set()),
         "bytes_4bit": footprint_bytes(model, quantizable, double_quant=settings.get("double_quant", True)),

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import math
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +22,16 @@ import pandas as pd
 import torch
 
 from ..errors import AnalysisError, DQError
-from ..files import read_json, write_json
-from ..quant.corrections import read_factors, write_factors
+from ..files import Output, check_target, read_json, remove_stale_staging, save_json
+from ..quant.corrections import is_factors_file, read_factors, write_factors
 from ..quant.memory import nf4_weight_bytes
 
 REPORT_FORMAT = "dq_kit.quant_report"
 REPORT_VERSION = 1
+REPORT_OUTPUT = Output("dq_kit report", file_format=REPORT_FORMAT)
 ID_COLUMNS = ("module", "tower", "group", "layer", "numel", "bytes_16bit", "bytes_nf4", "in_features", "out_features")
 GAIN_PREFIX = "gain_r"  # column gain_r<rank>: full-Fisher KL removed by a rank-<rank> correction (nats/token)
 FULL_SENSITIVITY = "sensitivity_full"  # full-Fisher KL of quantizing the module: what the corrections menus weigh against
-CORRECTIONS_SUFFIX = ".corrections.safetensors"
 BLOCK_COLUMNS = ("block", "tower", "layer", "act_local_error", "act_accum_error", "nonfinite_samples")
 # Which metric ranks modules by default, best first.
 _RANKING = ("sensitivity", "sensitivity_loo", "act_accum_error", "act_local_error", "weight_error")
@@ -180,9 +182,13 @@ class QuantReport:
             blocks["layer"] = blocks["layer"].astype("Int64")
         return cls(table, blocks, data.get("meta") or {})
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Write the report as JSON (atomically: a reader never sees half a file); correction factors,
-        if any, go beside it in ``<name>.corrections.safetensors`` (``r.json`` -> ``r.corrections.safetensors``).
+        if any, go beside it in ``<name>.corrections.<id>.safetensors`` (``r.json`` ->
+        ``r.corrections.1f2e3d4c.safetensors``, named in the report's meta). The new factors are
+        written before the JSON that names them and the old ones removed after it, so a save
+        killed at any moment leaves the old report with its factors or the new one with its own.
+        An existing file is replaced only when it is a dq_kit report, or with ``overwrite=True``.
 
         Example:
             >>> import tempfile, os, pandas as pd
@@ -191,12 +197,15 @@ class QuantReport:
             >>> QuantReport.load(path).table["module"].tolist()
             ['a']
         """
+        path = check_target(path, REPORT_OUTPUT, overwrite)
         data = self.to_dict()
         if self.corrections:
-            factors = corrections_path(path)
+            factors = corrections_path(path, secrets.token_hex(4))
             data["meta"]["corrections_file"] = factors.name
             write_factors(factors, self.corrections)
-        return write_json(path, data)
+        save_json(path, data, REPORT_OUTPUT, overwrite)
+        _remove_unused_factors(path, data["meta"].get("corrections_file"))
+        return path
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> QuantReport:
@@ -261,15 +270,28 @@ def gain_ranks(columns: Any) -> list[int]:
     return sorted(int(c[len(GAIN_PREFIX):]) for c in columns if c.startswith(GAIN_PREFIX) and c[len(GAIN_PREFIX):].isdigit())
 
 
-def corrections_path(report_path: str | os.PathLike) -> Path:
-    """Where the correction factors of the report at ``report_path`` live.
+def corrections_path(report_path: str | os.PathLike, tag: str) -> Path:
+    """A file for the correction factors of the report at ``report_path``; each save uses a new ``tag``.
 
     Example:
-        >>> corrections_path("/tmp/r.json").name
-        'r.corrections.safetensors'
+        >>> corrections_path("/tmp/r.json", "1f2e3d4c").name
+        'r.corrections.1f2e3d4c.safetensors'
     """
     path = Path(report_path)
-    return path.with_name((path.stem if path.suffix == ".json" else path.name) + CORRECTIONS_SUFFIX)
+    return path.with_name(f"{_report_stem(path)}.corrections.{tag}.safetensors")
+
+
+def _report_stem(path: Path) -> str:
+    return path.stem if path.suffix == ".json" else path.name
+
+
+def _remove_unused_factors(report_path: Path, in_use: str | None) -> None:
+    """Remove factor files of earlier saves of this report (dq_kit's own, by their metadata), all but ``in_use``."""
+    names = rf"{re.escape(_report_stem(report_path))}\.corrections(?:\.[0-9a-f]{{8}})?\.safetensors"
+    for entry in report_path.parent.iterdir():
+        if entry.name != in_use and re.fullmatch(names, entry.name) and is_factors_file(entry):
+            entry.unlink(missing_ok=True)
+    remove_stale_staging(report_path.parent, names)
 
 
 def _clean(value: Any) -> Any:

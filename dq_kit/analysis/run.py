@@ -29,6 +29,7 @@ from .common import (
     METRICS,
     base_meta,
     check_correction_options,
+    check_finite_weights,
     check_options,
     device_dtype,
     finite_rows,
@@ -137,12 +138,9 @@ def analyze(
     need_forward = bool({"activation", "sensitivity"} & set(metrics))
     timings: dict[str, float] = {}
     tick = time.perf_counter()
+    check_finite_weights({info.name: modules[info.name].weight for info in infos})
     for info in progress_bar(infos, progress, "Weights: 4-bit round trip"):
-        weight = modules[info.name].weight
-        deq, row, problem = measure_weight(weight, **settings)
-        weight_rows[info.name] = row
-        if problem:
-            issues[info.name] = [problem]
+        deq, weight_rows[info.name] = measure_weight(modules[info.name].weight, **settings)
         if need_forward:
             dequantized[info.name] = deq
     timings["weights_s"] = time.perf_counter() - tick

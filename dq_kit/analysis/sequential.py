@@ -58,6 +58,7 @@ from .common import (
     base_meta,
     finite_rows,
     kl_meta,
+    check_finite_weights,
     measure_weight,
     model_inputs,
     prepare_samples,
@@ -352,10 +353,8 @@ class _Run:
         self.timings[key] = time.perf_counter() - tick
 
     def _measure(self, name: str, weight: torch.Tensor) -> torch.Tensor:
-        deq, row, problem = measure_weight(weight, **self.settings)
-        self.weights[name] = row
-        if problem:
-            self.issues[name] = [problem]
+        check_finite_weights({name: weight})
+        deq, self.weights[name] = measure_weight(weight, **self.settings)
         return deq
 
     def _mode(self, mode: str) -> str:

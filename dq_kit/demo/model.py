@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from ..data.shapes import shapes_dataset
 from ..errors import DQError
 from ..evaluation.scores import evaluate_answers
-from ..files import atomic_directory, write_json
+from ..files import Output, atomic_directory, write_json
 from ..synthetic import tiny
 
 DEMO_HIDDEN = 128
@@ -220,7 +220,7 @@ def train_demo_model(
     scores = evaluate_answers(model, processor, splits["test"], max_new_tokens=16, batch_size=32)
     path = Path(out_dir).expanduser().resolve()
     result = DemoResult(str(path), steps, round(seconds, 1), final_loss, scores.exact_match, scores.token_f1, n_test, seed, task)
-    with atomic_directory(path) as staging:
+    with atomic_directory(path, Output("dq_kit demo model", marker=RESULT_FILE)) as staging:
         model.save_pretrained(staging, safe_serialization=True)
         processor.save_pretrained(staging)
         write_json(staging / RESULT_FILE, asdict(result) | {"batch_size": batch_size, "lr": lr, "n_train": n_train})

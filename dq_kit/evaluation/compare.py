@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from ..arguments import processor_second
 from ..data.chat import EncodedChat, encode_answer, tokenizer_of
 from ..errors import DQError
-from ..files import read_json, write_json
+from ..files import Output, read_json, save_json
 from ..quant.memory import loaded_bytes
 from ..quant.verification import is_quantized
 from ..units import GIB
@@ -112,8 +112,9 @@ class ComparisonResult:
             "answers": _records(self.answers.reset_index(names="sample")),
         }
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the result as JSON (atomically).
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the result as JSON (atomically); an existing file is replaced only when it is a dq_kit
+        comparison, or with ``overwrite=True``.
 
         Example:
             >>> import dq_kit as dq
@@ -124,7 +125,7 @@ class ComparisonResult:
             >>> ComparisonResult.load(path).reference
             '16bit'
         """
-        return write_json(path, self.to_dict())
+        return save_json(path, self.to_dict(), Output("dq_kit comparison", file_format=RESULT_FORMAT), overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> ComparisonResult:

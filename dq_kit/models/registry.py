@@ -16,6 +16,7 @@ from __future__ import annotations
 import re
 import warnings
 from collections.abc import Callable
+from typing import Any
 from dataclasses import dataclass
 
 from torch import nn
@@ -259,3 +260,37 @@ def preset_modules(model: nn.Module, family: Family | None = None) -> list[str]:
     family = family or family_of(model.config)
     heads = set(output_head_names(model))
     return [name for name in family.preset(linear_modules(model)) if name not in heads]
+
+
+def model_identity(config: Any) -> dict[str, Any]:
+    """What tells one model from another of the same type: name or path, layer count, hidden size
+    (of the language model, for a vision-language model).
+
+    Example:
+        >>> import transformers
+        >>> model_identity(transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64))
+        {'name_or_path': None, 'num_layers': 2, 'hidden_size': 64}
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return {
+        "name_or_path": getattr(config, "_name_or_path", None) or None,
+        "num_layers": getattr(text, "num_hidden_layers", None),
+        "hidden_size": getattr(text, "hidden_size", None),
+    }
+
+
+def different_models(plan_identity: dict[str, Any], model_identity: dict[str, Any]) -> str | None:
+    """Why two identities are different models (layer count or hidden size differ), else ``None``.
+    A different name alone is not: local copies and fine-tunes of a model share its plan.
+
+    Example:
+        >>> different_models({"num_layers": 2, "hidden_size": 64}, {"num_layers": 4, "hidden_size": 64})
+        '2 layers of width 64 against 4 layers of width 64'
+    """
+    keys = ("num_layers", "hidden_size")
+    if not all(plan_identity.get(k) and model_identity.get(k) for k in keys):
+        return None
+    if all(plan_identity[k] == model_identity[k] for k in keys):
+        return None
+    return (f"{plan_identity['num_layers']} layers of width {plan_identity['hidden_size']} against "
+            f"{model_identity['num_layers']} layers of width {model_identity['hidden_size']}")

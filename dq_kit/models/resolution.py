@@ -24,6 +24,7 @@ from transformers.models.auto.modeling_auto import (
 )
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
+from ..files import recover_interrupted
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 _MIRROR_ORGS = ("unsloth",)
@@ -107,6 +108,8 @@ def resolve_config(
         return config_from_dict(reference)
     text = os.fspath(reference)
     path = Path(text).expanduser()
+    if not path.exists() and looks_like_path(text):
+        recover_interrupted(path)  # a save killed while the old folder was moved aside
     if path.exists():
         if path.is_dir() and not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json, so it is not a transformers model folder.")

@@ -104,7 +104,7 @@ class PlanOptions:
         if self.menu != "keep" and not has_corrections:
             raise PlanError(
                 f"menu={self.menu!r} needs a report with corrections: re-run dq.analyze(..., corrections=True) "
-                "(or keep its .corrections.safetensors file beside the report JSON)."
+                "(or keep its .corrections.*.safetensors file beside the report JSON)."
             )
         return self.menu
 

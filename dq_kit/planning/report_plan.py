@@ -12,6 +12,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from typing import Any
 
@@ -90,6 +91,7 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
         fixed=base.fixed,
         model_type=base.model_type,
         family=base.family,
+        identity=base.identity,
         quant_type=report.meta.get("quant_type", base.quant_type),
         double_quant=report.meta.get("double_quant", base.double_quant),
         source=mode,
@@ -188,14 +190,38 @@ def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
         True
     """
     rows = report.table.set_index("module")
+    check_plan_fits_report(plan, report)
     score = value_column(rows.columns, score, "full")
     scores = rows[score].clip(lower=0)
     total = float(scores.sum())
-    if missing := [name for name in plan.corrections if name not in rows.index]:
-        raise PlanError(f"The plan corrects module(s) this report does not list (e.g. {missing[0]!r}): it was made for another model.")
     removed = float(scores[scores.index.isin(plan.keep)].sum())
     removed += sum(option_gain(rows, name, rank, score) for name, rank in plan.corrections.items())
     return float(report.meta["kl_uniform"]) * (1 - removed / total) if total > 0 else float(report.meta["kl_uniform"])
+
+
+def check_plan_fits_report(plan: Plan, report: Any) -> None:
+    """Raise :class:`dq_kit.PlanError` when ``plan`` names modules ``report`` does not list or was made
+    for another architecture; warn when it was made for another model of the same type.
+
+    Example:
+        >>> import pandas as pd, dq_kit as dq
+        >>> report = dq.QuantReport(pd.DataFrame({"module": ["a"], "sensitivity": [1.0]}), meta={"model_type": "llama"})
+        >>> check_plan_fits_report(Plan(keep=("b",), model_type="llama"), report)
+        Traceback (most recent call last):
+        ...
+        dq_kit.errors.PlanError: The plan names 1 module(s) this report does not list (e.g. 'b'): it was made for another model. Make the plan from this report: dq.plan(report).
+    """
+    meta = report.meta
+    if plan.model_type and meta.get("model_type") and plan.model_type != meta["model_type"]:
+        raise PlanError(f"The plan was made for a {plan.model_type!r} model, the report for a {meta['model_type']!r} one. "
+                        "Make the plan from this report: dq.plan(report).")
+    listed = set(report.table["module"])
+    if missing := [name for name in (*plan.keep, *plan.corrections) if name not in listed]:
+        raise PlanError(f"The plan names {len(missing)} module(s) this report does not list (e.g. {missing[0]!r}): "
+                        "it was made for another model. Make the plan from this report: dq.plan(report).")
+    if why := registry.different_models(plan.identity, meta.get("identity") or {}):
+        warnings.warn(f"The plan was made for another {meta.get('model_type')} model than the report ({why}); "
+                      "its predicted quality is not this model's. Make the plan from this report: dq.plan(report).", stacklevel=3)
 
 
 def expand_patterns(patterns: Iterable[str], names: list[str], what: str) -> set[str]:
@@ -257,6 +283,7 @@ def _base_plan(report: Any, frame: Any, preset: bool, output_heads: list[str] | 
         fixed=tuple(meta.get("output_heads", output_heads or ())),
         model_type=meta.get("model_type"),
         family=family.name,
+        identity=meta.get("identity") or {},
         source="preset" if preset else "uniform",
         reasons={name: {"rule": f"preset:{family.name}"} for name in keep},
     )

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import DQError, PlanError, UnsupportedModelError
-from ..files import atomic_directory, atomic_write_text, read_json, write_json
+from ..files import Output, atomic_directory, atomic_write_text, check_target, read_json, write_json
 from ..models import registry
 from ..models.resolution import meta_model
 from ..units import human_bytes
@@ -44,6 +44,7 @@ from .verification import is_quantized, verify
 PLAN_FILE = "dq_plan.json"
 REPORT_FILE = "dq_report.json"
 CARD_FILE = "README.md"
+CHECKPOINT = Output("model checkpoint", marker="config.json")
 
 
 # ---- saving -------------------------------------------------------------------------------------
@@ -55,6 +56,8 @@ def save(
     plan: Plan | None = None,
     report: Any = None,
     processor: Any = None,
+    *,
+    overwrite: bool = False,
 ) -> Path:
     """Write ``model`` as a checkpoint folder that plain transformers reloads as the same model.
 
@@ -71,6 +74,7 @@ def save(
         report: anything with a ``save(path)`` method (a ``QuantReport``, a ``ComparisonResult``),
             stored as ``dq_report.json``; its ``summary`` table or ``metrics`` dict goes into the model card.
         processor: the processor or tokenizer to save alongside.
+        overwrite: replace whatever ``path`` holds, even a folder that is not a checkpoint.
 
     Returns:
         The checkpoint folder.
@@ -100,8 +104,8 @@ def save(
             f"The plan corrects {len(plan.corrections)} module(s) but neither the model nor report= carries the factors: "
             "pass the report from dq.analyze(..., corrections=True)."
         )
-    _check_replaceable(Path(path).expanduser())
-    with atomic_directory(path) as folder:
+    check_target(path, CHECKPOINT, overwrite)
+    with atomic_directory(path, CHECKPOINT, overwrite) as folder:
         with plain_layers(model) as plain:
             plain.save_pretrained(folder)
         if corrected:
@@ -116,12 +120,6 @@ def save(
             report.save(folder / REPORT_FILE)
         atomic_write_text(folder / CARD_FILE, model_card(base_model(model), plan, report))
     return Path(path).expanduser()
-
-
-def _check_replaceable(path: Path) -> None:
-    """Refuse to replace anything but a missing or empty folder, or a model checkpoint folder."""
-    if path.exists() and not (path.is_dir() and (not any(path.iterdir()) or (path / "config.json").is_file())):
-        raise DQError(f"{path} exists and is not a model checkpoint folder; refusing to replace it. Choose a new or empty folder.")
 
 
 def _write_exact_skip_list(config_file: Path, plan: Plan) -> None:
@@ -141,6 +139,7 @@ def _plan_of(model: PreTrainedModel) -> Plan:
         fixed=tuple(heads),
         model_type=model.config.model_type,
         family=registry.family_of(model.config).name,
+        identity=registry.model_identity(model.config),
         quant_type=settings.get("bnb_4bit_quant_type", "nf4"),
         double_quant=bool(settings.get("bnb_4bit_use_double_quant", True)),
         source="model",

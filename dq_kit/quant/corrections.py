@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from ..errors import DQError, PlanError
-from ..files import atomic_file
+from ..files import Output, atomic_file, check_target
 from .plan import Plan
 
 __all__ = ["ADAPTER_NAME", "attach_corrections", "base_linears", "base_model", "check_factors", "correction_factors",
@@ -280,8 +280,12 @@ def _unwrap(model: nn.Module) -> tuple[nn.Module, list[tuple[nn.Module, str, nn.
     return inner, swapped
 
 
-def write_factors(path: str | os.PathLike, factors: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> Path:
-    """Save ``{module: (A, B)}`` as bf16 safetensors (``<module>.lora_A`` / ``<module>.lora_B``), atomically.
+FACTORS_OUTPUT = Output("dq_kit correction factors file", file_format="dq_kit.corrections")
+
+
+def write_factors(path: str | os.PathLike, factors: dict[str, tuple[torch.Tensor, torch.Tensor]], *, overwrite: bool = False) -> Path:
+    """Save ``{module: (A, B)}`` as bf16 safetensors (``<module>.lora_A`` / ``<module>.lora_B``), atomically;
+    an existing file is replaced only when it holds factors too, or with ``overwrite=True``.
 
     Example:
         >>> import tempfile
@@ -291,13 +295,24 @@ def write_factors(path: str | os.PathLike, factors: dict[str, tuple[torch.Tensor
     """
     from safetensors.torch import save_file
 
+    check_target(path, FACTORS_OUTPUT, overwrite)
     tensors = {}
     for name, (a, b) in factors.items():
         tensors[f"{name}.lora_A"] = a.detach().to(torch.bfloat16).contiguous().cpu()
         tensors[f"{name}.lora_B"] = b.detach().to(torch.bfloat16).contiguous().cpu()
     with atomic_file(path) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "dq_kit.corrections"})
+        save_file(tensors, str(tmp), metadata={"format": FACTORS_OUTPUT.file_format})
     return Path(path)
+
+
+def is_factors_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a correction factors file written by :func:`write_factors`.
+
+    Example:
+        >>> is_factors_file("/no/such.safetensors")
+        False
+    """
+    return FACTORS_OUTPUT.is_earlier_output(Path(path))
 
 
 def read_factors(path: str | os.PathLike, shapes: dict[str, tuple[int, int]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

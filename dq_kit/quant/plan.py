@@ -26,12 +26,13 @@ import torch
 from torch import nn
 
 from ..errors import PlanError
-from ..files import read_json, write_json
+from ..files import Output, read_json, save_json
 from ..models import registry
 from ..models.resolution import default_dtype, meta_model, resolve_config
 
 PLAN_FORMAT = "dq_kit.plan"
 PLAN_VERSION = 2  # 2: per-module correction ranks (version-1 plans have none and still load)
+PLAN_OUTPUT = Output("dq_kit plan", file_format=PLAN_FORMAT)
 _BOUNDARY = r"(?:(?<=\.)|(?=\.|$))"
 
 
@@ -51,6 +52,8 @@ class Plan:
         corrections: modules that stay NF4 but get a frozen low-rank correction, with its rank
             (``{"model.layers.3.mlp.down_proj": 16}``); the factors come from the report that
             :func:`dq_kit.plan` chose them from (``dq.load(..., plan=plan, report=report)``).
+        identity: the model the plan was made for: ``name_or_path``, ``num_layers``, ``hidden_size``
+            (applying the plan to a model of another size warns).
 
     Example:
         >>> plan = Plan(keep=("model.layers.0.mlp.down_proj",), fixed=("lm_head",), model_type="llama")
@@ -67,6 +70,7 @@ class Plan:
     source: str = "manual"
     reasons: dict[str, dict[str, Any]] = field(default_factory=dict)
     corrections: dict[str, int] = field(default_factory=dict)
+    identity: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "keep", tuple(sorted(set(self.keep))))
@@ -84,6 +88,10 @@ class Plan:
         bad = [name for name in (*self.keep, *self.fixed) if not isinstance(name, str) or not name]
         if bad:
             raise PlanError(f"Module names must be non-empty strings, got {bad[:5]!r}.")
+        if not isinstance(self.double_quant, bool):
+            raise PlanError(f"double_quant must be true or false, got {self.double_quant!r}.")
+        if not isinstance(self.identity, dict):
+            raise PlanError(f"identity must be a dict (name_or_path, num_layers, hidden_size), got {type(self.identity).__name__}.")
 
     # ---- construction ------------------------------------------------------------------------
 
@@ -231,12 +239,17 @@ class Plan:
             >>> model = dq.tiny.build_tiny_model("llama")
             >>> Plan.uniform(model).check(model)
         """
-        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        config = getattr(model, "config", None)
+        model_type = getattr(config, "model_type", None)
         if self.model_type and model_type and self.model_type != model_type:
             raise PlanError(
                 f"This plan was made for a {self.model_type!r} model but the model is {model_type!r}. "
                 "Make a plan for this model (dq.Plan.preset(model), dq.plan(report)) instead."
             )
+        if config is not None and (why := registry.different_models(self.identity, registry.model_identity(config))):
+            warnings.warn(f"This plan was made for another {model_type} model ({self.identity.get('name_or_path') or 'unnamed'}: "
+                          f"{why}); its choices were measured on that model. Make a plan for this one with dq.plan(dq.analyze(model, ...)).",
+                          stacklevel=3)
         names = [info.name for info in registry.linear_modules(model)]
         known = set(names)
         missing = [name for name in self.skip_modules if name not in known]
@@ -269,6 +282,8 @@ class Plan:
         }
         if self.corrections:
             data["corrections"] = self.corrections
+        if self.identity:
+            data["identity"] = self.identity
         return data
 
     @classmethod
@@ -276,25 +291,25 @@ class Plan:
         """Inverse of :meth:`to_dict`, with a clear error for anything that is not a dq_kit plan."""
         if not isinstance(data, dict) or data.get("format") != PLAN_FORMAT:
             raise PlanError(f"Not a dq_kit plan: expected a JSON object with \"format\": \"{PLAN_FORMAT}\".")
-        if data.get("version", 0) > PLAN_VERSION:
+        _check_field_types(data)
+        if data.get("version", 1) > PLAN_VERSION:
             raise PlanError(f"Plan format version {data['version']} is newer than this dq_kit understands; upgrade dq_kit.")
-        try:
-            return cls(
-                keep=tuple(data.get("keep", ())),
-                fixed=tuple(data.get("fixed", ())),
-                model_type=data.get("model_type"),
-                family=data.get("family"),
-                quant_type=data.get("quant_type", "nf4"),
-                double_quant=bool(data.get("double_quant", True)),
-                source=data.get("source", "manual"),
-                reasons=dict(data.get("reasons") or {}),
-                corrections=dict(data.get("corrections") or {}),
-            )
-        except (TypeError, ValueError) as exc:
-            raise PlanError(f"Malformed plan: {exc}") from exc
+        return cls(
+            keep=tuple(data.get("keep") or ()),
+            fixed=tuple(data.get("fixed") or ()),
+            model_type=data.get("model_type"),
+            family=data.get("family"),
+            quant_type=data.get("quant_type", "nf4"),
+            double_quant=data.get("double_quant", True),
+            source=data.get("source", "manual"),
+            reasons=dict(data.get("reasons") or {}),
+            corrections=dict(data.get("corrections") or {}),
+            identity=dict(data.get("identity") or {}),
+        )
 
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the plan as JSON (atomically).
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write the plan as JSON (atomically); an existing file is replaced only when it is a dq_kit
+        plan, or with ``overwrite=True``.
 
         Example:
             >>> import tempfile, os
@@ -302,7 +317,7 @@ class Plan:
             >>> Plan.load(path).keep
             ('lm_head',)
         """
-        return write_json(path, self.to_dict())
+        return save_json(path, self.to_dict(), PLAN_OUTPUT, overwrite)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
@@ -323,6 +338,27 @@ class Plan:
         return "\n".join(lines)
 
 
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "version": (int,), "keep": (list,), "fixed": (list,), "model_type": (str, type(None)), "family": (str, type(None)),
+    "quant_type": (str,), "double_quant": (bool,), "source": (str,), "reasons": (dict, type(None)),
+    "corrections": (dict, type(None)), "identity": (dict, type(None)),
+}
+
+
+def _check_field_types(data: dict[str, Any]) -> None:
+    """Raise :class:`PlanError` naming every field of a plan file with the wrong JSON type."""
+    wrong = [
+        f"{key!r} is {type(data[key]).__name__} {data[key]!r:.40}, expected {' or '.join(t.__name__ for t in types if t is not type(None))}"
+        for key, types in _FIELD_TYPES.items()
+        if key in data and (not isinstance(data[key], types) or (isinstance(data[key], bool) and bool not in types))
+    ]
+    for key in ("keep", "fixed"):
+        if isinstance(data.get(key), list) and (bad := [v for v in data[key] if not isinstance(v, str)]):
+            wrong.append(f"{key!r} holds {bad[0]!r}, expected module names (strings)")
+    if wrong:
+        raise PlanError("Malformed plan file: " + "; ".join(wrong) + ". Fix it by hand or make it again with dq.plan / Plan.save.")
+
+
 def matches_skip_pattern(pattern: str, name: str) -> bool:
     """transformers 5 ``should_convert_module`` semantics: regex from the start to a boundary, or suffix."""
     try:
@@ -339,7 +375,7 @@ def _suggest(name: str, candidates: list[str]) -> str:
 
 def _identity(model: nn.Module) -> dict[str, Any]:
     family = registry.family_of(model.config)
-    return {"model_type": model.config.model_type, "family": family.name}
+    return {"model_type": model.config.model_type, "family": family.name, "identity": registry.model_identity(model.config)}
 
 
 def _as_model(model: nn.Module | Any) -> nn.Module:

@@ -25,18 +25,22 @@ from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from ..errors import DQError
-from ..files import atomic_directory
+from ..files import Output, atomic_directory, check_target
 from ..models.resolution import default_dtype
+from ..quant.checkpoint import CHECKPOINT
 from ..quant.loading import load
 from ..quant.plan import Plan
 from .cpu_repacking import make_4bit_trainable
 
+ADAPTER = Output("LoRA adapter", marker="adapter_config.json")
 
-def save_adapter(peft_model: PeftModel, path: str | os.PathLike, processor: Any = None) -> Path:
+
+def save_adapter(peft_model: PeftModel, path: str | os.PathLike, processor: Any = None, *, overwrite: bool = False) -> Path:
     """Save the LoRA adapter alone (``adapter_model.safetensors`` + ``adapter_config.json``), atomically.
 
     ``processor`` (optional) is saved alongside, so the folder is self-contained for inference.
-    Reload with ``peft.PeftModel.from_pretrained(base_model, path)``.
+    Reload with ``peft.PeftModel.from_pretrained(base_model, path)``. An existing adapter folder
+    at ``path`` is replaced; a folder with other files, or a file, is refused unless ``overwrite=True``.
 
     Example:
         >>> import dq_kit as dq
@@ -48,7 +52,7 @@ def save_adapter(peft_model: PeftModel, path: str | os.PathLike, processor: Any 
     """
     if not isinstance(peft_model, PeftModel):
         raise DQError("save_adapter needs a model returned by dq.add_lora (a peft.PeftModel).")
-    with atomic_directory(path) as staging:
+    with atomic_directory(path, ADAPTER, overwrite) as staging:
         peft_model.save_pretrained(staging, safe_serialization=True)
         if processor is not None:
             processor.save_pretrained(staging)
@@ -82,6 +86,8 @@ def merge_to_16bit(
     path: str | os.PathLike | None = None,
     processor: Any = None,
     dtype: torch.dtype | None = None,
+    *,
+    overwrite: bool = False,
 ) -> nn.Module:
     """Merge every LoRA adapter into dequantized base weights: a plain model with no 4-bit layer left.
 
@@ -90,7 +96,9 @@ def merge_to_16bit(
     on CPU, like ``dq.load(..., quant="16bit")``); other 4-bit layers are dequantized as they are.
     The PEFT model is consumed (its modules are replaced in place, as PEFT's ``merge_and_unload``
     does). With ``path`` the model (safetensors, no quantization config) and ``processor`` are
-    saved there atomically. The returned model keeps ``dq_plan`` for :func:`requantize`.
+    saved there atomically; an existing checkpoint at ``path`` is replaced, a folder with other files
+    or a file refused (checked before anything is merged) unless ``overwrite=True``. The returned
+    model keeps ``dq_plan`` for :func:`requantize`.
 
     Example:
         >>> import dq_kit as dq
@@ -103,6 +111,8 @@ def merge_to_16bit(
     """
     if not isinstance(peft_model, PeftModel):
         raise DQError("merge_to_16bit needs a model returned by dq.add_lora (a peft.PeftModel).")
+    if path is not None:
+        check_target(path, CHECKPOINT, overwrite)
     dtype = dtype or default_dtype(None)
     model = peft_model.get_base_model()
     with torch.no_grad():
@@ -134,7 +144,7 @@ def merge_to_16bit(
         model.activation_checkpointing_disable()
     model.eval()
     if path is not None:
-        with atomic_directory(path) as staging:
+        with atomic_directory(path, CHECKPOINT, overwrite) as staging:
             model.save_pretrained(staging, safe_serialization=True)
             if processor is not None:
                 processor.save_pretrained(staging)

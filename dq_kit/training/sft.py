@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +33,14 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, TrainOutput
 from trl import SFTConfig, SFTTrainer
 
-from ..errors import DQError
+from ..data.chat import text_of
+from ..data.finetune import ValidationReport, check
+from ..errors import DataError, DQError
 
 TRAINER_STATE = "trainer_state.json"
 _WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
+_NO_ANSWER = ("no assistant turn", "an assistant turn has no text")
+_TOKEN_CHECK_ROWS = 8
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -135,8 +140,10 @@ def sft_trainer(
     Args:
         model: the model to train; a ``PeftModel`` trains its adapters only.
         processor: the processor (VLMs) or tokenizer (LMs) from :func:`dq_kit.load`.
-        train, eval: datasets in TRL's conversational format (see :mod:`dq_kit.data`; run
-            :func:`dq_kit.data.validate` first so that no row fails mid-epoch).
+        train, eval: datasets in TRL's conversational format (see :mod:`dq_kit.data`). Every row
+            is checked before training starts (:func:`dq_kit.data.check`): a row that would fail
+            mid-epoch raises :class:`dq_kit.DataError`, rows without an answer are counted in a
+            warning, and a dataset where no token would be trained on raises.
         responses_only: loss on the assistant's tokens only (prompt, image and padding labels are
             -100). Needs a chat template with ``{% generation %}`` markers; TRL substitutes a
             training template for the families it knows.
@@ -170,6 +177,9 @@ def sft_trainer(
             f"The training dataset has columns {sorted(columns)}; it needs 'messages' (+ 'images') or 'prompt' and "
             "'completion'. Convert it with dq.data.prepare(dataset)."
         )
+    unanswered = _check_rows(train, "train", conversational)
+    if eval is not None:
+        _check_rows(eval, "eval", conversational)
     settings = default_sft_config(sft_config.pop("output_dir", "dq_outputs/sft"), has_eval=eval is not None)
     settings["assistant_only_loss"] = responses_only and conversational
     settings["completion_only_loss"] = responses_only and not conversational
@@ -185,4 +195,40 @@ def sft_trainer(
         for parameter in trainer.model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
+    _check_trainable_tokens(trainer, train, unanswered, responses_only)
+    print(f"dq.sft_trainer: checkpoints and logs go to {Path(args.output_dir).resolve()} (choose with output_dir=).")
     return trainer
+
+
+def _check_rows(dataset: Dataset, name: str, conversational: bool) -> set[int]:
+    """Fail before training on rows that would fail mid-epoch; warn about rows with nothing to learn (returned)."""
+    if conversational:
+        report = check(dataset)
+        no_answer = [p.index for p in report.problems if p.reason.startswith(_NO_ANSWER)]
+        broken = [p for p in report.problems if not p.reason.startswith(_NO_ANSWER)]
+        if broken:
+            raise DataError(f"The {name} dataset has rows that would fail during training. {ValidationReport(len(dataset), broken)}\n"
+                            "Fix them, or remove them with dq.data.validate(dataset, drop=True).")
+    else:
+        no_answer = [index for index, completion in enumerate(dataset["completion"]) if not text_of(completion).strip()]
+    if len(no_answer) == len(dataset):
+        raise DataError(f"Nothing to learn: none of the {len(dataset)} rows of the {name} dataset has an assistant answer. "
+                        "Each row needs a conversation that ends with an assistant turn (or a non-empty 'completion').")
+    if no_answer:
+        warnings.warn(f"{len(no_answer)} of {len(dataset)} {name} rows have no assistant answer and contribute nothing to the loss "
+                      f"(rows {no_answer[:10]}{' ...' if len(no_answer) > 10 else ''}).", stacklevel=3)
+    return set(no_answer)
+
+
+def _check_trainable_tokens(trainer: SFTTrainer, train: Dataset, unanswered: set[int], responses_only: bool) -> None:
+    """Collate the first answered rows as training will, and raise when not one label is trained on."""
+    answered = [index for index in range(len(train)) if index not in unanswered][:_TOKEN_CHECK_ROWS]
+    rows = [train[index] for index in answered]
+    try:
+        batch = trainer.data_collator(rows)
+    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise DataError(f"The first {len(rows)} training rows cannot be turned into a batch: {str(exc).splitlines()[0]}") from exc
+    if int((batch["labels"] != -100).sum()) == 0:
+        why = ("the chat template marks no assistant tokens (it needs {% generation %} markers; pass responses_only=False "
+               "to train on every token) or max_length cuts the answers off") if responses_only else "max_length cuts every row off"
+        raise DataError(f"Nothing to learn: no token of the first {len(rows)} training rows is trained on: {why}.")
