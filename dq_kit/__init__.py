@@ -86,6 +86,7 @@ _MODULES: dict[str, str] = {
     "viz": "viz",
     "widgets": "widgets",
     "synthetic": "synthetic",
+    "demo": "demo",
     "tiny": "synthetic.tiny",
     "registry": "models.registry",
     "modeling": "models.resolution",
@@ -115,7 +116,7 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # what static tools and IDEs see
-    from . import analysis, data, evaluation, models, planning, quant, synthetic, training, viz, widgets  # noqa: F401
+    from . import analysis, data, demo, evaluation, models, planning, quant, synthetic, training, viz, widgets  # noqa: F401
     from .analysis.report import QuantReport  # noqa: F401
     from .analysis.run import analyze  # noqa: F401
     from .data import calibration  # noqa: F401

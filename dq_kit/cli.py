@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import CalibrationError, DQError
+from .files import check_target
 from .planning.options import PlanOptions
 
 
@@ -43,7 +44,10 @@ def _read_calibration(path: str) -> list[Any]:
 
 
 def _run_analyze(args: argparse.Namespace) -> int:
+    from .analysis.report import REPORT_OUTPUT
     from .analysis.run import analyze
+
+    check_target(args.out, REPORT_OUTPUT, args.overwrite)  # before the analysis, not after
 
     calibration = _read_calibration(args.calib) if args.calib else None
     base_dir = os.path.dirname(os.path.abspath(args.calib)) if args.calib else None
@@ -65,10 +69,10 @@ def _run_analyze(args: argparse.Namespace) -> int:
         sequential=args.sequential,
         corrections=args.corrections,
         max_length=args.max_length,
-        progress=not args.quiet,
+        progress=False if args.quiet else None,
         base_dir=base_dir,
     )
-    report.save(args.out)
+    report.save(args.out, overwrite=args.overwrite)
     if args.plots:
         import matplotlib
 
@@ -93,6 +97,7 @@ def _add_analyze(subparsers: Any) -> None:
                         "relative to the file, or model-input dicts); default: dq_kit's built-in set")
     parser.add_argument("--n-calib", type=int, default=None, help="size of the built-in calibration set (default 32)")
     parser.add_argument("--out", required=True, help="where to write the report JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a dq_kit report")
     parser.add_argument("--metrics", nargs="+", default=["weight", "activation", "sensitivity"],
                         choices=["weight", "activation", "sensitivity"], help="metrics to measure (default: all)")
     parser.add_argument("--estimator", default="fisher", choices=["fisher", "loo", "both"], help="sensitivity estimator")
@@ -110,11 +115,13 @@ def _add_analyze(subparsers: Any) -> None:
 def _run_plan(args: argparse.Namespace) -> int:
     from .analysis.report import QuantReport
     from .planning import plan, predicted_kl
+    from .quant.plan import PLAN_OUTPUT
 
+    check_target(args.out, PLAN_OUTPUT, args.overwrite)
     report = QuantReport.load(args.report)
     options = PlanOptions(**{field.name: getattr(args, field.name) for field in dataclasses.fields(PlanOptions)})
     chosen = plan(report, options=options)
-    chosen.save(args.out)
+    chosen.save(args.out, overwrite=args.overwrite)
     print(chosen)
     print(f"predicted KL {predicted_kl(report, chosen):.4g} nats/token (uniform NF4: {report.meta['kl_uniform']:.4g})")
     print(f"Plan written to {args.out}")
@@ -129,6 +136,7 @@ def _add_plan(subparsers: Any) -> None:
     )
     parser.add_argument("report", help="report JSON written by `dq-kit analyze`")
     parser.add_argument("--out", required=True, help="where to write the plan JSON")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out even if it is not a dq_kit plan")
     kinds = {"budget": float, "budget_bytes": int, "threshold": float, "top_k": int, "score": str, "menu": str}
     for field in dataclasses.fields(PlanOptions):  # the options dq.plan takes, with their help, in one place
         flag, help_text = "--" + field.name.replace("_", "-"), field.metadata["help"]

@@ -27,3 +27,16 @@ def human_bytes(n_bytes: float) -> str:
     if size >= 0.1 * MIB:
         return f"{n_bytes / MIB:.2f} MiB"
     return f"{n_bytes / KIB:.1f} KiB"
+
+
+def human_count(n: float) -> str:
+    """A parameter count in B (billions), M, K or units, whichever reads best.
+
+    Example:
+        >>> human_count(10.67e9), human_count(134_515_008), human_count(135_744), human_count(12)
+        ('10.67 B', '134.5 M', '135.7 K', '12')
+    """
+    for scale, unit, digits in ((1e9, "B", 2), (1e6, "M", 1), (1e3, "K", 1)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{digits}f} {unit}"
+    return f"{int(n)}"

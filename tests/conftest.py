@@ -7,9 +7,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub here: unknown ids must fail fast and clearly
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import pytest  # noqa: E402
+import pytest
 
-import dq_kit as dq  # noqa: E402
+import dq_kit as dq
 
 VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava")
 

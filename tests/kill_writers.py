@@ -88,7 +88,7 @@ def _save_killed_at(write, path: Path, kill_at: int, counter_file: Path) -> int:
     pid = os.fork()
     if pid:
         return os.waitpid(pid, 0)[1]
-    import dq_kit.files as files
+    from dq_kit import files
 
     calls = 0
 
@@ -118,7 +118,7 @@ def _save_killed_at(write, path: Path, kill_at: int, counter_file: Path) -> int:
 def main(workdir: str, names: list[str]) -> None:
     import torch
 
-    import dq_kit.files as files
+    from dq_kit import files
 
     exchange = "--no-exchange" not in names
     names = [n for n in names if n != "--no-exchange"]

@@ -6,15 +6,15 @@ import matplotlib
 
 matplotlib.use("Agg")
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-from dq_kit.data.calibration import default_calibration  # noqa: E402
-from dq_kit.models.resolution import meta_model, resolve_config, shipped_hub_ids  # noqa: E402
-from torch import nn  # noqa: E402
+import pytest
+import torch
+from torch import nn
 
-import dq_kit as dq  # noqa: E402
-from dq_kit.analysis import AnalysisError, QuantReport, analyze, quantizable_modules  # noqa: E402
-from dq_kit.analysis.sequential import _Layout  # noqa: E402
+import dq_kit as dq
+from dq_kit.analysis import AnalysisError, QuantReport, analyze, quantizable_modules
+from dq_kit.analysis.sequential import _Layout
+from dq_kit.data.calibration import default_calibration
+from dq_kit.models.resolution import meta_model, resolve_config, shipped_hub_ids
 
 FAMILIES = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
 COLUMNS = {"module", "tower", "group", "layer", "numel", "bytes_16bit", "bytes_nf4", "weight_error", "weight_rel_error",

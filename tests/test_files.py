@@ -24,7 +24,7 @@ def test_a_save_killed_at_any_step_leaves_the_old_or_the_new_output(tmp_path, ex
     command = [sys.executable, str(Path(__file__).with_name("kill_writers.py")), str(tmp_path), *WRITERS]
     if not exchange:
         command.append("--no-exchange")
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "DQ_PROGRESS": "0"})
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "DQ_PROGRESS": "0"}, check=False)
     assert run.returncode == 0, run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     for writer in WRITERS:
@@ -124,7 +124,7 @@ def test_an_output_moved_aside_by_a_killed_save_is_put_back(tmp_path):
     aside = tmp_path / ".model.999999999.abcdefgh.old"
     os.replace(model_dir, aside)
     with pytest.warns(UserWarning, match="previous output was put back"):
-        model, _ = dq.load(model_dir, quant="16bit", processor=False)
+        dq.load(model_dir, quant="16bit", processor=False)
     assert model_dir.is_dir() and not aside.exists()
 
 

@@ -108,7 +108,7 @@ def first_tensor(output: Any) -> torch.Tensor | None:
 class _Accumulator:
     """Sums of squared errors and squared reference norms for one module or block."""
 
-    __slots__ = ("local_err", "local_ref", "accum_err", "accum_ref", "nonfinite")
+    __slots__ = ("accum_err", "accum_ref", "local_err", "local_ref", "nonfinite")
 
     def __init__(self) -> None:
         self.local_err = self.local_ref = self.accum_err = self.accum_ref = 0.0
@@ -178,7 +178,7 @@ class ActivationProbe:
             self._handles.append(modules[name].register_forward_hook(self._block_hook(name), with_kwargs=True))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -10,6 +10,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -121,7 +122,15 @@ def prepare_samples(calibration: Any, processor: Any, config: Any, max_length: i
     check_fit(processor, config)
     if calibration is None:
         calibration = default_calibration(images=processor is not None and has_image_processor(processor))
-    return prepare_calibration(calibration, processor, config, base_dir=base_dir, max_length=max_length)
+    samples = prepare_calibration(calibration, processor, config, base_dir=base_dir, max_length=max_length)
+    if getattr(config, "vision_config", None) is not None and not any("pixel_values" in s.inputs for s in samples):
+        warnings.warn(
+            f"None of the {len(samples)} calibration samples has an image, so no vision module of this {config.model_type} model "
+            "is exercised: every one gets activation error and sensitivity 0, and no plan can keep one in 16-bit. Calibrate "
+            "with samples that have images (the default calibration set does, with the model's processor).",
+            stacklevel=3,
+        )
+    return samples
 
 
 def check_fit(processor: Any, config: Any) -> None:

@@ -118,7 +118,7 @@ class InputMoments:
             self._handles.append(module.register_forward_pre_hook(self._hook(name)))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
@@ -170,7 +170,7 @@ def fit_corrections(
     ranks: Sequence[int],
     *,
     max_bytes: int = MOMENT_BYTES,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, list[str]]]:
     """Fit the largest useful rank of ``ranks`` for every module, a few modules' moments at a time.
 
@@ -207,7 +207,7 @@ def fit_corrections(
         else:
             groups.append([name])
             size = need
-    for group in progress_bar(groups, progress and len(groups) > 1, "Corrections: input moments"):
+    for group in progress_bar(groups, progress if len(groups) > 1 else False, "Corrections: input moments"):
         with InputMoments({name: modules[name] for name in group}) as moments:
             run()
         fitted, found = fit_from_moments(moments, deltas, ranks)

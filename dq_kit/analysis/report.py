@@ -72,8 +72,16 @@ class QuantReport:
         meta: dict[str, Any] | None = None,
         corrections: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ) -> None:
+        if not isinstance(table, pd.DataFrame):
+            raise AnalysisError(f"A QuantReport table is a pandas DataFrame with a 'module' column, got {type(table).__name__}.")
         if "module" not in table.columns:
             raise AnalysisError("A QuantReport table needs a 'module' column of exact module names.")
+        if blocks is not None and not isinstance(blocks, pd.DataFrame):
+            raise AnalysisError(f"A QuantReport's blocks are a pandas DataFrame, got {type(blocks).__name__}.")
+        if meta is not None and not isinstance(meta, dict):
+            raise AnalysisError(f"A QuantReport's meta is a dict (model_type, kl_uniform, bytes_4bit, ...), got {type(meta).__name__}.")
+        if corrections is not None and not isinstance(corrections, dict):
+            raise AnalysisError(f"A QuantReport's corrections map module names to (A, B) factors, got {type(corrections).__name__}.")
         self.table = table.reset_index(drop=True)
         self.blocks = blocks if blocks is not None else pd.DataFrame(columns=list(BLOCK_COLUMNS))
         self.meta = dict(meta or {})
@@ -86,6 +94,20 @@ class QuantReport:
 
     def __getitem__(self, key: Any) -> Any:
         return self.table[key]
+
+    def meta_number(self, key: str) -> float:
+        """``meta[key]`` as a number, or :class:`AnalysisError` saying the report lacks it.
+
+        Example:
+            >>> QuantReport(pd.DataFrame({"module": ["a"]}), meta={"kl_uniform": 0.2}).meta_number("kl_uniform")
+            0.2
+        """
+        value = self.meta.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+            found = "lacks it" if value is None else f"has {value!r}"
+            raise AnalysisError(f"The report's meta needs a number {key!r} and {found}: it was not made by dq.analyze with "
+                                "calibration data, or its file was edited. Re-run dq.analyze.")
+        return float(value)
 
     @property
     def metrics(self) -> list[str]:

@@ -64,7 +64,7 @@ def analyze(
     ranks: Sequence[int] = DEFAULT_RANKS,
     max_length: int | None = None,
     seed: int = 0,
-    progress: bool = True,
+    progress: bool | None = None,
     base_dir: str | os.PathLike | None = None,
 ) -> QuantReport:
     """Measure how 4-bit quantization (bitsandbytes NF4/FP4) affects every quantizable Linear of a model.
@@ -100,7 +100,7 @@ def analyze(
         ranks: the correction menu (each capped at ``min(in, out)``); default ``(4, 8, 16, 32, 64)``.
         max_length: truncate text-only calibration samples to this many tokens.
         seed: seed of the Fisher label sampling.
-        progress: show ``tqdm`` progress bars.
+        progress: show ``tqdm`` progress bars (default: the global ``DQ_PROGRESS`` setting, see :mod:`dq_kit.progress`).
         base_dir: folder that relative image paths in ``calibration`` are resolved against.
 
     Returns:
@@ -200,7 +200,7 @@ def _fit(
     dequantized: dict[str, torch.Tensor],
     ranks: tuple[int, ...],
     issues: dict[str, list[str]],
-    progress: bool,
+    progress: bool | None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Correction factors of every finite weight, from 16-bit no-grad passes over the calibration set."""
     device, dtype = device_dtype(model)
@@ -234,7 +234,7 @@ def _calibration_pass(
     metrics: Sequence[str],
     estimator: str,
     seed: int,
-    progress: bool,
+    progress: bool | None,
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
     ranks: Sequence[int] = (),
 ) -> dict[str, Any]:
@@ -287,7 +287,7 @@ def _calibration_pass(
 
 
 def leave_one_out(
-    model: nn.Module, samples: list[CalibrationSample], dequantized: dict[str, torch.Tensor], progress: bool = True
+    model: nn.Module, samples: list[CalibrationSample], dequantized: dict[str, torch.Tensor], progress: bool | None = None
 ) -> dict[str, float]:
     """Exact sensitivity: mean per-token KL to the 16-bit model with only one module in 4-bit, for each module.
 

@@ -56,9 +56,9 @@ from ..quant.loading import load_processor
 from .activations import ActivationProbe, block_names, first_tensor, swapped
 from .common import (
     base_meta,
+    check_finite_weights,
     finite_rows,
     kl_meta,
-    check_finite_weights,
     measure_weight,
     model_inputs,
     prepare_samples,
@@ -278,7 +278,7 @@ def analyze_sequential(
     estimator: str,
     max_length: int | None,
     seed: int,
-    progress: bool,
+    progress: bool | None,
     base_dir: str | os.PathLike | None,
     ranks: tuple[int, ...] = (),
 ) -> QuantReport:
@@ -312,7 +312,7 @@ def analyze_sequential(
 class _Run:
     """One sequential analysis: the front, then the layers one by one, the head, and back for the Fisher."""
 
-    def __init__(self, path: Path, metrics: Sequence[str], settings: dict[str, Any], seed: int, progress: bool,
+    def __init__(self, path: Path, metrics: Sequence[str], settings: dict[str, Any], seed: int, progress: bool | None,
                  ranks: tuple[int, ...] = ()) -> None:
         self.config = resolve_config(path)
         self.skeleton = meta_model(self.config, buffers=True).eval()

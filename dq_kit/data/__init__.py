@@ -23,4 +23,4 @@ from .finetune import (
 )
 from .shapes import shapes_dataset, shapes_example
 
-__all__ = ["DataError", "ANSWER_COLUMNS", "IMAGE_COLUMNS", "MESSAGES_FEATURE", "QUESTION_COLUMNS", "RowProblem", "ValidationReport", "check", "convert", "load_image", "prepare", "shapes_dataset", "shapes_example", "validate"]
+__all__ = ["ANSWER_COLUMNS", "IMAGE_COLUMNS", "MESSAGES_FEATURE", "QUESTION_COLUMNS", "DataError", "RowProblem", "ValidationReport", "check", "convert", "load_image", "prepare", "shapes_dataset", "shapes_example", "validate"]

@@ -251,7 +251,7 @@ def _chat_sample(sample: Mapping[str, Any], index: int, processor: Any, base_dir
         prompt_ids = encode_chat(processor, messages[:-1], images, generation_prompt=True, where=where, error=CalibrationError)["input_ids"][0]
         full_ids = inputs["input_ids"][0]
         if len(full_ids) > len(prompt_ids) and full_ids[: len(prompt_ids)].equal(prompt_ids):
-            answer_start = int(len(prompt_ids))
+            answer_start = len(prompt_ids)
     return inputs, answer_start
 
 

@@ -29,19 +29,19 @@ from typing import Any
 
 import PIL.Image
 from datasets import Dataset, Features, Image, List, Value
-from tqdm.auto import tqdm
 
 from ..errors import DataError
+from ..progress import progress_bar
 from .chat import MESSAGES_FEATURE
 from .images import load_image
 
 __all__ = [
+    "MESSAGES_FEATURE",
     "DataError",
     "RowProblem",
     "ValidationReport",
     "check",
     "convert",
-    "MESSAGES_FEATURE",
     "load_image",
     "prepare",
     "validate",
@@ -165,6 +165,7 @@ def convert(
         >>> convert(raw)[0]["images"], convert(raw)[0]["messages"][0]["content"][1]["text"]
         (['cat.png'], 'What is it?')
     """
+    _require_rows(dataset)
     columns = list(dataset.column_names)
     image_column = _find(columns, IMAGE_COLUMNS, image, "image", required=False)
     messages_column = messages or ("messages" if "messages" in columns else None)
@@ -288,9 +289,21 @@ def _undecoded(dataset: Dataset) -> Dataset:
     return dataset
 
 
-def _require_format(dataset: Dataset) -> None:
+def _require_rows(dataset: Any) -> None:
+    """Raise :class:`DataError` unless ``dataset`` is one ``datasets.Dataset`` split with at least one row."""
     if isinstance(dataset, dict):
         raise DataError(f"Pass one split (e.g. dataset['train']), not a dict of splits {list(dataset)}.")
+    if isinstance(dataset, (list, tuple)):
+        raise DataError(f"Pass a datasets.Dataset, not a {type(dataset).__name__}: wrap the rows with "
+                        "datasets.Dataset.from_list(rows) (each row a dict of columns).")
+    if not isinstance(dataset, Dataset):
+        raise DataError(f"Pass a datasets.Dataset, got {type(dataset).__name__}.")
+    if len(dataset) == 0:
+        raise DataError("The dataset is empty (0 rows): there is nothing to convert, check or train on.")
+
+
+def _require_format(dataset: Dataset) -> None:
+    _require_rows(dataset)
     missing = [name for name in ("messages",) if name not in dataset.column_names]
     if missing:
         raise DataError(
@@ -305,6 +318,7 @@ def check(
     base_dir: str | os.PathLike | None = None,
     min_side: int = 8,
     max_aspect: float = 100.0,
+    progress: bool | None = None,
 ) -> ValidationReport:
     """Check every row without changing anything: each image opens, sizes are sane, the conversation
     has alternating user/assistant roles, an assistant answer and one placeholder per image.
@@ -317,7 +331,7 @@ def check(
     _require_format(dataset)
     dataset = _undecoded(dataset)
     problems = []
-    for index, row in enumerate(tqdm(dataset, desc="checking rows", leave=False)):
+    for index, row in enumerate(progress_bar(dataset, progress, "checking rows")):
         problem, _ = _check_row(row, base_dir, min_side, None, max_aspect)
         if problem:
             problems.append(RowProblem(index, problem))

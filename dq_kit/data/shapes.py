@@ -18,8 +18,8 @@ import random
 import PIL.Image
 import PIL.ImageDraw
 from datasets import Dataset, DatasetDict, Features, Image, List, Value
-from tqdm.auto import tqdm
 
+from ..progress import progress_bar
 from ..synthetic import drawing
 from ..synthetic.drawing import PALETTE
 from .chat import MESSAGES_FEATURE
@@ -127,7 +127,9 @@ def shapes_dataset(
     seed: int = 0,
     task: str = "describe",
     size: int = 56,
-    test_size: float | int | None = 0.2,
+    test_size: float | None = 0.2,
+    *,
+    progress: bool | None = None,
 ) -> DatasetDict | Dataset:
     """``n`` seeded synthetic shape questions, split into train and test (a ``DatasetDict``).
 
@@ -145,7 +147,7 @@ def shapes_dataset(
     """
     if n < 1:
         raise ValueError(f"n must be at least 1, got {n}.")
-    rows = [shapes_example(index, seed, task, size) for index in tqdm(range(n), desc="drawing shapes", leave=False)]
+    rows = [shapes_example(index, seed, task, size) for index in progress_bar(range(n), progress, "drawing shapes")]
     if not test_size:
         return Dataset.from_list(rows, features=FEATURES)
     n_test = int(round(test_size * n)) if isinstance(test_size, float) else int(test_size)

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 import transformers
 from datasets import Dataset
-from tqdm.auto import tqdm
 
 from ..data.shapes import shapes_dataset
 from ..errors import DQError
 from ..evaluation.scores import evaluate_answers
 from ..files import Output, atomic_directory, write_json
+from ..progress import progress_bar
 from ..synthetic import tiny
 
 DEMO_HIDDEN = 128
@@ -172,8 +172,8 @@ def fit(
     rows = encoded["input_ids"].shape[0]
     model.train()
     loss_value = float("nan")
-    progress = tqdm(range(steps), desc="training demo model", leave=False)
-    for _ in progress:
+    bar = progress_bar(range(steps), None, "training demo model")
+    for _ in bar:
         index = torch.randint(rows, (min(batch_size, rows),), generator=generator)
         batch = {name: tensor[index] for name, tensor in encoded.items()}
         batch["pixel_values"] = batch["pixel_values"].flatten(0, 1)
@@ -184,7 +184,8 @@ def fit(
         optimizer.step()
         schedule.step()
         loss_value = loss.item()
-        progress.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
+        if hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{loss_value:.3f}", refresh=False)
     model.eval()
     return loss_value
 

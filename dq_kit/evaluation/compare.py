@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..arguments import processor_second
 from ..data.chat import EncodedChat, encode_answer, tokenizer_of
 from ..errors import DQError
 from ..files import Output, read_json, save_json
+from ..progress import progress_bar
 from ..quant.memory import loaded_bytes
 from ..quant.verification import is_quantized
 from ..units import GIB
@@ -101,6 +101,14 @@ class ComparisonResult:
     def _repr_html_(self) -> str:
         return self.to_html()
 
+    def __str__(self) -> str:
+        """The metrics table, then how many answers of each variant differ from the reference's."""
+        flips = {v: int((self.answers[v] != self.answers[self.reference]).sum()) for v in self.summary["variant"] if v != self.reference}
+        lines = [f"Variants compared with {self.reference} on {len(self.answers)} sample(s):",
+                 self.summary.to_string(index=False, float_format=_fmt)]
+        lines += [f"  {variant}: {count} of {len(self.answers)} answer(s) differ from {self.reference}'s" for variant, count in flips.items()]
+        return "\n".join(lines)
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (the on-disk format); NaN becomes ``null``."""
         return {
@@ -145,6 +153,8 @@ def compare(
     processor: Any,
     samples: Sequence[Mapping[str, Any]],
     max_new_tokens: int = 32,
+    *,
+    progress: bool | None = None,
 ) -> ComparisonResult:
     """Compare model variants on chat samples against a reference variant.
 
@@ -185,7 +195,7 @@ def compare(
     tokenizer = tokenizer_of(processor)
     stats = {name: _TokenStats() for name in variants}
     answers: dict[str, list[str]] = {name: [] for name in variants}
-    for chat in tqdm(encoded, desc="Comparing variants", unit="sample"):
+    for chat in progress_bar(encoded, progress, "Comparing variants", unit="sample"):
         reference_logprobs = _answer_logprobs(variants[reference], chat)
         for name, model in variants.items():
             logprobs = reference_logprobs if name == reference else _answer_logprobs(model, chat)

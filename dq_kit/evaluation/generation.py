@@ -20,8 +20,10 @@ import torch
 from torch import nn
 from transformers import PreTrainedTokenizerBase, TextStreamer
 
+from ..arguments import is_processor
 from ..data.chat import tokenizer_of
-from ..data.images import load_image
+from ..data.images import open_image
+from ..errors import DQError
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -106,7 +108,12 @@ def generate(
         >>> isinstance(dq.generate(model, tok, None, "Hello?", max_new_tokens=3), str)
         True
     """
-    images = [] if image is None else [load_image(image)]
+    if processor is None or not is_processor(processor):
+        raise DQError(f"dq.generate needs the model's processor (or tokenizer) second, got {type(processor).__name__}: "
+                      "use the pair dq.load returns, model, processor = dq.load(...) (not processor=False).")
+    if not isinstance(prompt, str):
+        raise DQError(f"prompt must be the question as a string, got {type(prompt).__name__}.")
+    images = [] if image is None else [open_image(image, "dq.generate: the image")]
     inputs = encode_prompts(processor, [[user_turn(processor, prompt, len(images))]], [images])
     streamer = TextStreamer(tokenizer_of(processor), skip_prompt=True, skip_special_tokens=True) if stream else None
     with eval_mode(model):

@@ -16,10 +16,11 @@ from typing import Any
 import pandas as pd
 from datasets import Dataset
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..data.chat import text_of
 from ..data.images import load_image
+from ..errors import DQError
+from ..progress import progress_bar
 from .generation import encode_prompts, eval_mode, generate_from_inputs
 
 __all__ = ["AnswerScores", "evaluate_answers", "normalize_answer", "token_f1"]
@@ -101,6 +102,8 @@ def evaluate_answers(
     dataset: Dataset,
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    *,
+    progress: bool | None = None,
 ) -> AnswerScores:
     """Generate an answer for every row (greedy, batched) and score it against the row's last assistant turn.
 
@@ -118,9 +121,13 @@ def evaluate_answers(
         >>> sorted(scores.summary)
         ['exact_match', 'n', 'token_f1']
     """
+    if isinstance(dataset, (list, tuple)):
+        dataset = Dataset.from_list(list(dataset))
+    if dataset is None or len(dataset) == 0:
+        raise DQError("evaluate_answers needs at least one row to score; the dataset is empty.")
     records = []
     with eval_mode(model):
-        for start in tqdm(range(0, len(dataset), batch_size), desc="evaluating", leave=False):
+        for start in progress_bar(range(0, len(dataset), batch_size), progress, "evaluating"):
             rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
             prompts, references, images = [], [], []
             for row in rows:

@@ -21,10 +21,11 @@ from transformers import AutoConfig, PretrainedConfig
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
 from ..errors import ModelNotFoundError, UnsupportedModelError
-from ..files import recover_interrupted
+from ..files import read_json, recover_interrupted
 
 SHIPPED_CONFIGS = Path(__file__).parent / "configs"
 _MIRROR_ORGS = ("unsloth",)
@@ -92,11 +93,13 @@ def resolve_config(
     *,
     trust_remote_code: bool = False,
     prefer_shipped: bool = False,
+    gguf_file: str | None = None,
 ) -> PretrainedConfig:
     """The config for a hub id, a local folder, a config object or a config dict.
 
     ``prefer_shipped`` answers from dq_kit's shipped configs before asking the hub (used by the
-    memory planner so that it works offline).
+    memory planner so that it works offline); ``gguf_file`` reads the config from a GGUF file in
+    the folder or hub repository.
 
     Example:
         >>> resolve_config({"model_type": "llama", "hidden_size": 64}).hidden_size
@@ -108,11 +111,18 @@ def resolve_config(
         return config_from_dict(reference)
     text = os.fspath(reference)
     path = Path(text).expanduser()
+    if gguf_file is not None:
+        return _gguf_config(local_or_hub(text), gguf_file)
     if not path.exists() and looks_like_path(text):
         recover_interrupted(path)  # a save killed while the old folder was moved aside
+    if path.is_file():
+        hint = (" For a GGUF file, pass its folder (or hub id) and gguf_file=: dq.load(folder, gguf_file=\"model.gguf\")."
+                if path.suffix == ".gguf" else "")
+        raise ModelNotFoundError(f"{path} is a file; pass the model folder that holds config.json ({path.parent}).{hint}")
     if path.exists():
-        if path.is_dir() and not (path / "config.json").is_file():
+        if not (path / "config.json").is_file():
             raise ModelNotFoundError(f"{path} has no config.json, so it is not a transformers model folder.")
+        read_json(path / "config.json", "Model config", UnsupportedModelError)  # a corrupt local file: say so, not "check your network"
         return _load_config(path, trust_remote_code)
     if looks_like_path(text):
         raise ModelNotFoundError(f"No model folder at {text!r}. Check the path, or pass a hub id such as 'Qwen/Qwen2-VL-2B-Instruct'.")
@@ -125,6 +135,20 @@ def resolve_config(
         if shipped is not None:
             return _shipped(shipped)
         raise
+
+
+def _gguf_config(reference: str, gguf_file: str) -> PretrainedConfig:
+    try:
+        import gguf  # noqa: F401  (transformers reads GGUF files with it)
+    except ImportError:
+        raise UnsupportedModelError("Reading a GGUF file needs the gguf package: pip install gguf") from None
+    if Path(reference).is_dir() and not (Path(reference) / gguf_file).is_file():
+        raise ModelNotFoundError(f"No GGUF file {gguf_file!r} in {reference}.")
+    try:
+        return AutoConfig.from_pretrained(reference, gguf_file=gguf_file)
+    except (OSError, ValueError, KeyError) as exc:
+        raise UnsupportedModelError(f"transformers cannot read a model config from {gguf_file!r} ({str(exc).splitlines()[0]}): "
+                                    "it may be corrupt, or an architecture transformers does not load from GGUF.") from exc
 
 
 def _shipped(path: Path) -> PretrainedConfig:
@@ -156,6 +180,11 @@ def auto_class(config: PretrainedConfig) -> type:
         'AutoModelForImageTextToText'
     """
     auto_map = getattr(config, "auto_map", None) or {}
+    if config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False) and not auto_map:
+        raise UnsupportedModelError(
+            f"model_type={config.model_type!r} is an encoder model (masked language modelling): loaded as a causal LM it would "
+            "get a new, untrained head and generate noise. dq_kit loads decoder language models and vision-language models."
+        )
     if config.model_type in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES or "AutoModelForImageTextToText" in auto_map:
         return transformers.AutoModelForImageTextToText
     if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES or "AutoModelForCausalLM" in auto_map:

@@ -13,6 +13,9 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -63,10 +66,19 @@ class PlanOptions:
         modes = [m for m, v in (("budget_bytes", self.budget_bytes), ("threshold", self.threshold), ("top_k", self.top_k)) if v is not None]
         if len(modes) > 1:
             raise PlanError(f"Pass at most one of budget_bytes, threshold, top_k (got {modes}).")
-        if (self.budget is not None and self.budget < 0) or (self.budget_bytes is not None and self.budget_bytes < 0):
+        if self.budget is None and not modes:
+            raise PlanError("budget=None leaves nothing to plan by: pass a budget (0.10 for +10%), budget_bytes=, threshold= or top_k=.")
+        _check_number("budget", self.budget, "a fraction of the NF4 footprint, e.g. 0.10 for +10%")
+        _check_number("budget_bytes", self.budget_bytes, "a number of bytes, e.g. 200_000_000", integer=True)
+        _check_number("threshold", self.threshold, "a score, e.g. 1e-3", negative=True)
+        _check_number("top_k", self.top_k, "a number of modules, e.g. 10", integer=True)
+        if self.budget is not None and self.budget < 0 or self.budget_bytes is not None and self.budget_bytes < 0:
             raise PlanError("The budget must be >= 0 (a fraction of the NF4 footprint, e.g. 0.10 for +10%).")
         if self.top_k is not None and self.top_k < 0:
             raise PlanError("top_k must be >= 0.")
+        if self.budget is not None and self.budget > 1 and not modes:
+            warnings.warn(f"budget={self.budget} allows +{self.budget:.0%} over the all-NF4 footprint; a budget is a fraction "
+                          "(0.10 for +10%).", stacklevel=4)
         if not isinstance(self.score, str) or not self.score:
             raise PlanError(f"score must be the name of a report column, got {self.score!r}.")
         if self.menu not in MENUS:
@@ -125,6 +137,17 @@ class PlanOptions:
             True
         """
         return dataclasses.replace(self, **changes)
+
+
+def _check_number(name: str, value: Any, example: str, *, integer: bool = False, negative: bool = False) -> None:
+    """Raise :class:`dq_kit.PlanError` unless ``value`` is ``None`` or a finite number (a whole one with ``integer``)."""
+    if value is None:
+        return
+    kind = numbers.Integral if integer else numbers.Real
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise PlanError(f"{name} must be {'a whole number' if integer else 'a number'} ({example}), got {value!r} ({type(value).__name__}).")
+    if not math.isfinite(value):
+        raise PlanError(f"{name} must be finite ({example}), got {value!r}.")
 
 
 def _patterns(value: str | Iterable[str] | None, what: str) -> tuple[str, ...]:

@@ -89,7 +89,7 @@ def refine_plan(
     fuse: bool = False,
     score: str = "sensitivity",
     max_length: int | None = None,
-    progress: bool = True,
+    progress: bool | None = None,
 ) -> Plan:
     """A plan for ``budget`` chosen by measured calibration KL (see the module docstring).
 
@@ -103,7 +103,7 @@ def refine_plan(
         processor: the model's processor or tokenizer.
         candidates: shortlist size (top groups by score per byte, plus top groups by score).
         max_length: truncate text-only samples to this many tokens.
-        progress: show a progress bar over the measurements.
+        progress: show a progress bar over the measurements (default: the global ``DQ_PROGRESS`` setting).
 
     Returns:
         A :class:`Plan` with ``source="refined"``; ``reasons`` give each kept module's measured KL
@@ -150,7 +150,7 @@ class Refiner:
         *,
         max_length: int | None = None,
         cache_blocks: bool = True,
-        progress: bool = True,
+        progress: bool | None = None,
     ) -> None:
         self.model = model
         self.report = report

@@ -67,7 +67,7 @@ def plan_from_report(report: Any, options: PlanOptions, *, bytes_4bit: int | Non
     elif mode == "top_k":
         chosen = sorted(candidate_items(rows, candidates, score, options.fuse), key=lambda i: -i.value)[: options.top_k]
     else:
-        total_4bit = bytes_4bit if bytes_4bit is not None else report.meta["bytes_4bit"]
+        total_4bit = bytes_4bit if bytes_4bit is not None else report.meta_number("bytes_4bit")
         groups = menu_groups(report, rows, candidates, value_column(frame.columns, score, menu), options.fuse, menu)
         chosen = select_options(groups, options.capacity(total_4bit), forced_cost)
 
@@ -196,7 +196,8 @@ def predicted_kl(report: Any, plan: Plan, score: str = "sensitivity") -> float:
     total = float(scores.sum())
     removed = float(scores[scores.index.isin(plan.keep)].sum())
     removed += sum(option_gain(rows, name, rank, score) for name, rank in plan.corrections.items())
-    return float(report.meta["kl_uniform"]) * (1 - removed / total) if total > 0 else float(report.meta["kl_uniform"])
+    kl_uniform = report.meta_number("kl_uniform")
+    return kl_uniform * (1 - removed / total) if total > 0 else kl_uniform
 
 
 def check_plan_fits_report(plan: Plan, report: Any) -> None:

@@ -36,7 +36,16 @@ from ..files import Output, atomic_directory, atomic_write_text, check_target, r
 from ..models import registry
 from ..models.resolution import meta_model
 from ..units import human_bytes
-from .corrections import base_linears, base_model, has_corrections, plain_layers, read_factors, report_factors, save_correction_adapter
+from .corrections import (
+    ADAPTER_NAME,
+    base_linears,
+    base_model,
+    has_corrections,
+    plain_layers,
+    read_factors,
+    report_factors,
+    save_correction_adapter,
+)
 from .memory import MemoryEstimate, estimate_memory, loaded_bytes
 from .plan import Plan, matches_skip_pattern
 from .verification import is_quantized, verify
@@ -87,6 +96,12 @@ def save(
         >>> type(reloaded.model.visual.blocks[0].attn.qkv).__name__
         'Linear4bit'
     """
+    if adapters := sorted(set(getattr(base_model(model), "peft_config", None) or {}) - {ADAPTER_NAME}):
+        raise DQError(
+            f"This model carries LoRA adapter(s) {adapters} (dq.add_lora); dq.save writes the quantized model alone. Save the "
+            "adapter with dq.save_adapter(peft_model, path), or merge it and save the result: "
+            "dq.save(dq.requantize(dq.merge_to_16bit(peft_model)), path)."
+        )
     corrected = has_corrections(model)
     if not isinstance(base_model(model), PreTrainedModel) or (not corrected and not isinstance(model, PreTrainedModel)):
         raise DQError(f"dq.save needs a transformers model, got {type(model).__name__} (merge or unwrap adapters first).")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,6 +16,7 @@ from ..models.resolution import auto_class, default_device_map, default_dtype, l
 from .checkpoint import checkpoint_file, plan_from_checkpoint, prequantized_config, saved_report_factors
 from .corrections import ADAPTER_NAME, attach_corrections, match_compute_dtype, report_factors
 from .plan import Plan
+from .quantization import forget_gguf_origin, quantize
 from .verification import verify
 
 QUANT_MODES = ("16bit", "4bit", "dynamic")
@@ -29,6 +31,7 @@ def load(
     *,
     report: Any = None,
     processor: bool = True,
+    gguf_file: str | None = None,
     trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
@@ -47,6 +50,9 @@ def load(
         report: the :class:`dq_kit.QuantReport` a plan with corrections was made from (its factors);
             a checkpoint written by :func:`dq_kit.save` carries its own in ``dq_correction/``.
         processor: also load the processor (VLMs) or tokenizer (LMs); ``False`` returns ``None``.
+        gguf_file: a GGUF file in ``name_or_path`` (``"SmolLM2-135M-Instruct.Q4_1.gguf"``):
+            transformers dequantizes it to ``dtype``, and dq_kit treats the result as the
+            full-precision source it is (4-bit modes quantize it in memory with the plan).
         trust_remote_code: run code from the model repository; off unless you trust it.
         **kwargs: passed to ``from_pretrained`` (``revision=``, ``attn_implementation=``, ...).
 
@@ -68,7 +74,8 @@ def load(
         raise PlanError(f"A plan applies only to quant='dynamic' (got quant={quant!r}).")
     if isinstance(plan, (str, os.PathLike)):
         plan = Plan.load(plan)
-    config = resolve_config(name_or_path, trust_remote_code=trust_remote_code)
+    _check_device_map(device_map)
+    config = resolve_config(name_or_path, trust_remote_code=trust_remote_code, gguf_file=gguf_file)
     model_class = auto_class(config)
     family_of(config)  # warns once for an architecture without a registry entry
     device_map = device_map if device_map is not None else default_device_map()
@@ -76,6 +83,8 @@ def load(
     reference = local_or_hub(name_or_path)
 
     load_kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **kwargs)
+    if gguf_file is not None:
+        return _load_gguf(reference, gguf_file, config, quant, plan, report, processor, load_kwargs)
     stored = None
     if quant != "16bit":
         skeleton = meta_model(config, trust_remote_code=trust_remote_code)
@@ -91,15 +100,71 @@ def load(
         load_kwargs.pop("quantization_config", None)
         load_kwargs["config"] = quantized_config
 
-    try:
-        model = model_class.from_pretrained(reference, **load_kwargs)
-    except OSError as exc:
-        raise ModelNotFoundError(f"Could not load the weights of {str(name_or_path)!r}: {str(exc).splitlines()[0]}") from exc
+    model = _from_pretrained(model_class, reference, load_kwargs)
     model.dq_plan = plan
     if plan is not None:
         model = _with_corrections(model, plan, report, reference)
         verify(model, plan)
     return model, (load_processor(reference, config, trust_remote_code=trust_remote_code) if processor else None)
+
+
+def _from_pretrained(model_class: type, reference: str | os.PathLike, load_kwargs: dict[str, Any]) -> nn.Module:
+    """``from_pretrained`` with its file errors turned into :class:`dq_kit.DQError` naming the file."""
+    from safetensors import SafetensorError
+
+    try:
+        return model_class.from_pretrained(reference, **load_kwargs)
+    except SafetensorError as exc:
+        broken = _unreadable_safetensors(reference)
+        where = f"{broken} is unreadable" if broken else "a safetensors file is unreadable"
+        raise ModelNotFoundError(f"Could not load the weights of {str(reference)!r}: {where} ({exc}). The file is truncated or "
+                                 "corrupt (an interrupted download or copy): download or copy it again.") from exc
+    except OSError as exc:
+        raise ModelNotFoundError(f"Could not load the weights of {str(reference)!r}: {str(exc).splitlines()[0]}") from exc
+
+
+def _unreadable_safetensors(reference: str | os.PathLike) -> Path | None:
+    """The first ``*.safetensors`` file of a local folder whose header cannot be read."""
+    from safetensors import SafetensorError, safe_open
+
+    folder = Path(reference)
+    for file in sorted(folder.glob("*.safetensors")) if folder.is_dir() else []:
+        try:
+            with safe_open(str(file), "pt") as handle:
+                handle.keys()
+        except (SafetensorError, OSError):
+            return file
+    return None
+
+
+def _check_device_map(device_map: Any) -> None:
+    """Refuse a device map that names a GPU on a machine without one, before anything is read."""
+    values = device_map.values() if isinstance(device_map, dict) else [device_map]
+    wants_gpu = any(isinstance(v, int) and not isinstance(v, bool) or isinstance(v, (str, torch.device)) and str(v).startswith("cuda")
+                    for v in values)
+    if wants_gpu and not torch.cuda.is_available():
+        raise DQError(f"device_map={device_map!r} asks for a CUDA GPU, but torch sees none on this machine "
+                      "(torch.cuda.is_available() is False). Leave device_map out (the CPU is used), or pass device_map='cpu'.")
+
+
+def _load_gguf(reference: str, gguf_file: str, config: Any, quant: str, plan: Plan | None, report: Any, processor: bool,
+               load_kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
+    """Load a GGUF file (dequantized by transformers), then quantize it in memory for the 4-bit modes."""
+    model = _from_pretrained(auto_class(config), reference, {**load_kwargs, "gguf_file": gguf_file})
+    forget_gguf_origin(model)
+    model.dq_plan = None
+    if quant == "4bit":
+        model = quantize(model, Plan.uniform(model))
+    elif quant == "dynamic":
+        model = quantize(model, plan or Plan.preset(model), report=report)
+    tokenizer = None
+    if processor:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(reference, gguf_file=gguf_file)
+        except (OSError, ValueError, TypeError) as exc:
+            raise DQError(f"Could not load the tokenizer from {gguf_file!r}: {str(exc).splitlines()[0]}. "
+                          "Pass processor=False to load the model alone.") from exc
+    return model, tokenizer
 
 
 def _with_corrections(model: nn.Module, plan: Plan, report: Any, reference: str | os.PathLike) -> nn.Module:

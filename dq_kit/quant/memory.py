@@ -19,7 +19,7 @@ from torch import nn
 from ..errors import AnalysisError
 from ..models import registry
 from ..models.resolution import meta_model, resolve_config
-from ..units import GIB, human_bytes
+from ..units import GIB, human_bytes, human_count
 from .corrections import plain_layers
 from .plan import Plan
 
@@ -126,16 +126,16 @@ class MemoryEstimate:
 
     def __str__(self) -> str:
         return (
-            f"{self.model}: {self.params / 1e9:.2f} B parameters\n"
-            f"  16-bit            {self.gib('16bit'):8.2f} GiB\n"
-            f"  NF4 (all Linear)  {self.gib('4bit'):8.2f} GiB\n"
-            f"  dynamic ({self.plan_source}) {self.gib('plan'):8.2f} GiB  "
+            f"{self.model}: {human_count(self.params)} parameters\n"
+            f"  16-bit            {human_bytes(self.bytes_16bit):>11}\n"
+            f"  NF4 (all Linear)  {human_bytes(self.bytes_4bit):>11}\n"
+            f"  {'dynamic (' + self.plan_source + ')':<18}{human_bytes(self.bytes_plan):>11}  "
             f"(+{self.plan_overhead:.1%} over NF4, {self.kept_modules} module(s) in 16-bit"
             + (f", {self.corrected_modules} with low-rank corrections of {human_bytes(self.correction_bytes)})" if self.corrected_modules else ")")
         )
 
     def _repr_html_(self) -> str:
-        return f"<b>{self.model}</b> — {self.params / 1e9:.2f} B parameters" + self.to_frame().to_html()
+        return f"<b>{self.model}</b> — {human_count(self.params)} parameters" + self.to_frame().to_html()
 
 
 def estimate_memory(config_or_name_or_path: Any, plan: Plan | None = None, *, trust_remote_code: bool = False) -> MemoryEstimate:

@@ -20,16 +20,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 from transformers import PreTrainedModel
 
 from ..errors import DQError, PlanError
+from ..progress import progress_bar
 from .corrections import attach_corrections, check_factors, report_factors
 from .plan import Plan
 from .verification import is_quantized, verify
 
 
-def quantize(model: PreTrainedModel, plan: Plan | None = None, *, report: Any = None) -> PreTrainedModel:
+def quantize(model: PreTrainedModel, plan: Plan | None = None, *, report: Any = None, progress: bool | None = None) -> PreTrainedModel:
     """Quantize every Linear layer of ``model`` to bitsandbytes 4-bit except the plan's
     ``skip_modules``, in place, and return the model — wrapped in a PEFT model with a frozen
     ``dq_correction`` adapter when the plan has corrections.
@@ -79,7 +79,7 @@ def quantize(model: PreTrainedModel, plan: Plan | None = None, *, report: Any = 
     # Swaps the Linear modules that the skip list does not name for empty (meta) Linear4bit modules.
     quantizer.preprocess_model(model=model, dtype=model.dtype, device_map=getattr(model, "hf_device_map", None))
     swapped = [(name, module) for name, module in model.named_modules() if is_quantized(module)]
-    for name, module in tqdm(swapped, desc="Quantizing to 4-bit", unit="module", disable=len(swapped) < 50):
+    for name, module in progress_bar(swapped, progress if progress is not None or len(swapped) >= 50 else False, "Quantizing to 4-bit", unit="module"):
         _load_weights(module, originals.pop(name))  # drop each 16-bit original as soon as it is quantized
     model.hf_quantizer = quantizer
     quantizer.postprocess_model(model)  # config.quantization_config, is_loaded_in_4bit, config._is_quantized
@@ -102,12 +102,38 @@ def _load_weights(target: nn.Module, source: nn.Linear) -> None:
     target.train(source.training)
 
 
+def forget_gguf_origin(model: nn.Module) -> bool:
+    """Mark a model loaded from a GGUF file as the plain full-precision model it is; True if it was one.
+
+    transformers dequantizes GGUF weights on load but leaves its GGUF quantizer on the model and a
+    ``GgufConfig`` in its config, so the model would pass for an already quantized one.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> forget_gguf_origin(dq.tiny.build_tiny_model("llama"))
+        False
+    """
+    quantizer = getattr(model, "hf_quantizer", None)
+    settings = getattr(getattr(model, "config", None), "quantization_config", None)
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None) or getattr(settings, "quant_method", None)
+    if str(getattr(method, "value", method)) != "gguf":
+        return False
+    model.hf_quantizer = None
+    for attribute in ("quantization_config", "_pre_quantization_dtype"):
+        if hasattr(model.config, attribute):
+            delattr(model.config, attribute)
+    if "is_quantized" in vars(model):
+        model.is_quantized = False
+    return True
+
+
 def _check_quantizable(model: nn.Module) -> None:
     if not isinstance(model, PreTrainedModel):
         raise DQError(
             f"dq.quantize needs a transformers model, got {type(model).__name__}. "
             "Quantize before wrapping the model (PEFT / LoRA adapters go on the quantized model)."
         )
+    forget_gguf_origin(model)  # dequantized on load: a full-precision source like any other
     if getattr(model, "is_quantized", False) or any(is_quantized(module) for module in model.modules()):
         raise DQError(
             "The model is already quantized. Quantize a 16-bit model: dq.load(path, quant='16bit'), "

@@ -19,6 +19,7 @@ so k/v projections stay 64 wide), vocabulary 384.
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import random
@@ -388,6 +389,78 @@ def save_tiny(family: str, path: str | os.PathLike, seed: int = 0) -> pathlib.Pa
     tiny_processor(family).save_pretrained(path)
     return path
 
+
+
+_GGUF_TENSORS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                 "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+                 "post_attention_layernorm": "ffn_norm"}
+
+
+def save_tiny_gguf(path: str | os.PathLike, seed: int = 0) -> pathlib.Path:
+    """Write the tiny llama model and its tokenizer as one f32 GGUF file (llama.cpp's layout) and return it.
+
+    transformers reads it back with ``from_pretrained(folder, gguf_file=name)`` to the same weights,
+    so the GGUF loading path runs offline.
+
+    Example::
+
+        >>> import tempfile, dq_kit as dq
+        >>> file = save_tiny_gguf(tempfile.mkdtemp() + "/tiny-llama.gguf")
+        >>> model, tokenizer = dq.load(file.parent, quant="4bit", gguf_file=file.name)
+        >>> type(model.model.layers[0].mlp.up_proj).__name__
+        'Linear4bit'
+    """
+    import gguf
+
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = build_tiny_model("llama", seed), tiny_processor("llama")
+    config = model.config
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(getattr(config, "rope_theta", None) or 10000.0)
+    writer.add_vocab_size(config.vocab_size)
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda item: item[1])
+    tokens = [f"<unused{i}>" for i in range(config.vocab_size)]
+    for token, index in vocab:
+        if index < len(tokens):
+            tokens[index] = token
+    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("merges", [])
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types([1] * len(tokens))
+    writer.add_token_merges([m if isinstance(m, str) else " ".join(m) for m in merges])
+    if tokenizer.eos_token_id is not None:
+        writer.add_eos_token_id(tokenizer.eos_token_id)
+    if tokenizer.chat_template:
+        writer.add_chat_template(tokenizer.chat_template)
+    for name, tensor in model.state_dict().items():
+        array = tensor.float().numpy()
+        if name == "model.embed_tokens.weight":
+            target = "token_embd.weight"
+        elif name == "model.norm.weight":
+            target = "output_norm.weight"
+        elif name == "lm_head.weight":
+            target = "output.weight"
+        else:  # model.layers.<i>.<module>.weight
+            parts = name.split(".")
+            module = ".".join(parts[3:-1])
+            target = f"blk.{parts[2]}.{_GGUF_TENSORS[module]}.weight"
+            heads = {"self_attn.q_proj": config.num_attention_heads, "self_attn.k_proj": config.num_key_value_heads}.get(module)
+            if heads:  # llama.cpp stores q/k rows in its own rotary order; transformers undoes this on load
+                array = array.reshape(heads, 2, array.shape[0] // heads // 2, *array.shape[1:]).swapaxes(1, 2).reshape(array.shape)
+        writer.add_tensor(target, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 def tiny_chat_inputs(
     processor: transformers.ProcessorMixin | transformers.PreTrainedTokenizerFast,

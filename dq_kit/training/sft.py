@@ -177,9 +177,9 @@ def sft_trainer(
             f"The training dataset has columns {sorted(columns)}; it needs 'messages' (+ 'images') or 'prompt' and "
             "'completion'. Convert it with dq.data.prepare(dataset)."
         )
-    unanswered = _check_rows(train, "train", conversational)
+    train = _rows_with_answers(train, "train", conversational)
     if eval is not None:
-        _check_rows(eval, "eval", conversational)
+        eval = _rows_with_answers(eval, "eval", conversational)
     settings = default_sft_config(sft_config.pop("output_dir", "dq_outputs/sft"), has_eval=eval is not None)
     settings["assistant_only_loss"] = responses_only and conversational
     settings["completion_only_loss"] = responses_only and not conversational
@@ -188,20 +188,29 @@ def sft_trainer(
     if unknown:
         raise DQError(f"Unknown training option(s) {unknown}: sft_trainer passes its keywords to trl.SFTConfig, which has no such field.")
     args = SFTConfig(**settings)
-    trainer = DQSFTTrainer(
-        model=model, args=args, train_dataset=train, eval_dataset=eval, processing_class=processor, callbacks=callbacks
-    )
+    try:
+        trainer = DQSFTTrainer(
+            model=model, args=args, train_dataset=train, eval_dataset=eval, processing_class=processor, callbacks=callbacks
+        )
+    except RuntimeError as exc:
+        if "assistant" not in str(exc):
+            raise
+        raise DataError(
+            "Answer-only loss needs a chat template that marks the assistant's tokens with {% generation %} ... "
+            "{% endgeneration %}, and this processor's template has no such marker (TRL: "
+            f"{str(exc).splitlines()[0]}). Use a template with the markers, or pass responses_only=False to train on every token."
+        ) from exc
     if not (args.bf16 or args.fp16):
         for parameter in trainer.model.parameters():
             if parameter.requires_grad and parameter.dtype != torch.float32:
                 parameter.data = parameter.data.float()
-    _check_trainable_tokens(trainer, train, unanswered, responses_only)
+    _check_trainable_tokens(trainer, len(train), responses_only)
     print(f"dq.sft_trainer: checkpoints and logs go to {Path(args.output_dir).resolve()} (choose with output_dir=).")
     return trainer
 
 
-def _check_rows(dataset: Dataset, name: str, conversational: bool) -> set[int]:
-    """Fail before training on rows that would fail mid-epoch; warn about rows with nothing to learn (returned)."""
+def _rows_with_answers(dataset: Dataset, name: str, conversational: bool) -> Dataset:
+    """Fail before training on rows that would fail mid-epoch; leave out rows with nothing to learn, with a warning."""
     if conversational:
         report = check(dataset)
         no_answer = [p.index for p in report.problems if p.reason.startswith(_NO_ANSWER)]
@@ -214,21 +223,28 @@ def _check_rows(dataset: Dataset, name: str, conversational: bool) -> set[int]:
     if len(no_answer) == len(dataset):
         raise DataError(f"Nothing to learn: none of the {len(dataset)} rows of the {name} dataset has an assistant answer. "
                         "Each row needs a conversation that ends with an assistant turn (or a non-empty 'completion').")
-    if no_answer:
-        warnings.warn(f"{len(no_answer)} of {len(dataset)} {name} rows have no assistant answer and contribute nothing to the loss "
-                      f"(rows {no_answer[:10]}{' ...' if len(no_answer) > 10 else ''}).", stacklevel=3)
-    return set(no_answer)
+    if not no_answer:
+        return dataset
+    warnings.warn(f"{len(no_answer)} of {len(dataset)} {name} rows have no assistant answer and would contribute nothing to the "
+                  f"loss: left out (rows {no_answer[:10]}{' ...' if len(no_answer) > 10 else ''}).", stacklevel=3)
+    skipped = set(no_answer)
+    return dataset.select([index for index in range(len(dataset)) if index not in skipped])
 
 
-def _check_trainable_tokens(trainer: SFTTrainer, train: Dataset, unanswered: set[int], responses_only: bool) -> None:
-    """Collate the first answered rows as training will, and raise when not one label is trained on."""
-    answered = [index for index in range(len(train)) if index not in unanswered][:_TOKEN_CHECK_ROWS]
-    rows = [train[index] for index in answered]
+def _check_trainable_tokens(trainer: SFTTrainer, n_rows: int, responses_only: bool) -> None:
+    """Collate the first rows as training will (from the trainer's own dataset, tokenized for language
+    models), and raise when not one label is trained on; say so when preparing the data dropped rows."""
+    why = ("the chat template marks no assistant tokens (it needs {% generation %} markers; pass responses_only=False "
+           "to train on every token) or max_length cuts the answers off") if responses_only else "max_length cuts every row off"
+    prepared = trainer.train_dataset
+    if len(prepared) == 0:
+        raise DataError(f"Nothing to learn: preparing the data for training left none of its {n_rows} rows: {why}.")
+    if len(prepared) < n_rows:
+        warnings.warn(f"Preparing the data for training dropped {n_rows - len(prepared)} of {n_rows} rows ({why}).", stacklevel=3)
+    rows = [prepared[index] for index in range(min(len(prepared), _TOKEN_CHECK_ROWS))]
     try:
         batch = trainer.data_collator(rows)
     except (ValueError, KeyError, TypeError, RuntimeError) as exc:
         raise DataError(f"The first {len(rows)} training rows cannot be turned into a batch: {str(exc).splitlines()[0]}") from exc
     if int((batch["labels"] != -100).sum()) == 0:
-        why = ("the chat template marks no assistant tokens (it needs {% generation %} markers; pass responses_only=False "
-               "to train on every token) or max_length cuts the answers off") if responses_only else "max_length cuts every row off"
         raise DataError(f"Nothing to learn: no token of the first {len(rows)} training rows is trained on: {why}.")
