@@ -6,6 +6,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -179,3 +180,33 @@ def test_clear_errors(tiny_path, tmp_path):
         QuantReport.load(corrupt)
     with pytest.raises(AnalysisError, match="not found"):
         QuantReport.load(tmp_path / "missing.json")
+
+
+def test_packed_weights_and_gradient_hooks_change_no_number(monkeypatch):
+    """The memory-saving path (4-bit weights kept packed, gradients scored and freed as backward
+    produces them) gives the numbers of the plain path (every round trip and gradient held) bit for bit."""
+    import contextlib
+
+    import dq_kit.analysis.run as run
+    from dq_kit.analysis.sensitivity import FisherAccumulator
+    from dq_kit.analysis.weights import quantize_roundtrip
+
+    model, tokenizer = dq.tiny.build_tiny_model("llama"), dq.tiny.tiny_processor("llama")
+    calibration = ["A red circle on a blue background.", "Two green squares and a yellow triangle."]
+    packed = analyze(model, tokenizer, calibration, corrections=True, progress=False)
+
+    class HeldRoundTrips(dict):
+        def __init__(self, *settings):
+            super().__init__()
+            self.settings = settings
+
+        def add(self, name, weight):
+            self[name] = quantize_roundtrip(weight, *self.settings)
+            return self[name]
+
+    monkeypatch.setattr(run, "QuantizedWeights", HeldRoundTrips)
+    monkeypatch.setattr(FisherAccumulator, "consuming_gradients", lambda self: contextlib.nullcontext())
+    held = analyze(model, tokenizer, calibration, corrections=True, progress=False)
+    columns = [c for c in packed.table.columns if c != "issues"]
+    pd.testing.assert_frame_equal(packed.table[columns], held.table[columns])
+    assert packed.meta["kl_uniform"] == held.meta["kl_uniform"]

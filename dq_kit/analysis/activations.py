@@ -65,30 +65,59 @@ def block_names(model: nn.Module, linear_names: list[str]) -> dict[str, list[str
 
 @contextlib.contextmanager
 def swapped(model: nn.Module, weights: Mapping[str, torch.Tensor]) -> Iterator[None]:
-    """Temporarily replace the weights of the named Linear modules (no copy, restored on exit).
+    """Within the block, each named Linear runs with ``weights[name]`` in place of its weight.
+
+    The weight is looked up as the module's forward starts and put back as it ends, so a lazy
+    mapping (:class:`dq_kit.analysis.weights.QuantizedWeights`) holds one dequantized weight at a
+    time. For forwards without gradients (a backward pass would see the restored weight).
 
     Example:
         >>> lin = nn.Linear(2, 2)
         >>> before = lin.weight.detach().clone()
         >>> with swapped(nn.Sequential(lin), {"0": torch.zeros(2, 2)}):
-        ...     float(lin.weight.detach().abs().sum())
+        ...     float((lin(torch.ones(1, 2)) - lin.bias).abs().sum().detach())
         0.0
         >>> torch.equal(lin.weight, before)
         True
     """
     modules = dict(model.named_modules()) if weights else {}
-    saved: list[tuple[nn.Parameter, torch.Tensor]] = []
+    saved: dict[int, list[torch.Tensor]] = defaultdict(list)
+
+    def swap_in(name: str):
+        def hook(module: nn.Module, args: tuple) -> None:
+            saved[id(module)].append(module.weight.data)
+            module.weight.data = weights[name]
+
+        return hook
+
+    def put_back(module: nn.Module, args: tuple, output: Any) -> None:
+        module.weight.data = saved[id(module)].pop()
+
+    handles = []
     try:
-        with torch.no_grad():
-            for name, new in weights.items():
-                param = modules[name].weight
-                saved.append((param, param.data))
-                param.data = new
+        for name in weights:
+            handles.append(modules[name].register_forward_pre_hook(swap_in(name)))
+            handles.append(modules[name].register_forward_hook(put_back, always_call=True))
         yield
     finally:
-        with torch.no_grad():
-            for param, data in reversed(saved):
-                param.data = data
+        for handle in handles:
+            handle.remove()
+
+
+class _Renamed(Mapping[str, torch.Tensor]):
+    """A view of ``source`` under other names (``{new name: source name}``), looked up lazily."""
+
+    def __init__(self, source: Mapping[str, torch.Tensor], names: dict[str, str]) -> None:
+        self.source, self.names = source, names
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.source[self.names[name]]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
 
 
 def first_tensor(output: Any) -> torch.Tensor | None:
@@ -232,9 +261,9 @@ class ActivationProbe:
 
         return hook
 
-    def _relative(self, block: str) -> dict[str, torch.Tensor]:
+    def _relative(self, block: str) -> Mapping[str, torch.Tensor]:
         prefix = f"{block}." if block else ""
-        return {name[len(prefix):]: self.dequantized[name] for name in self.blocks[block]}
+        return _Renamed(self.dequantized, {name[len(prefix):]: name for name in self.blocks[block]})
 
     def results(self) -> dict[str, dict[str, dict[str, float]]]:
         """``{"modules": {name: metrics}, "blocks": {name: metrics}}`` accumulated so far."""

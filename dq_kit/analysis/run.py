@@ -11,9 +11,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -35,7 +36,6 @@ from .common import (
     finite_rows,
     forward_logits,
     kl_meta,
-    measure_weight,
     model_inputs,
     prepare_samples,
     quantizable_modules,
@@ -45,6 +45,7 @@ from .corrections import DEFAULT_RANKS, fit_corrections
 from .report import FULL_SENSITIVITY, QuantReport, build_report
 from .sensitivity import FisherAccumulator, kl_sum, sample_labels, spearman, top1_agreement
 from .sequential import analyze_sequential
+from .weights import QuantizedWeights, weight_metrics
 
 __all__ = ["analyze", "leave_one_out"]
 
@@ -134,15 +135,15 @@ def analyze(
     modules = dict(model.named_modules())
     settings = dict(quant_type=quant_type, blocksize=blocksize, double_quant=double_quant)
 
-    weight_rows, issues, dequantized = {}, {}, {}
+    weight_rows, issues = {}, {}
     need_forward = bool({"activation", "sensitivity"} & set(metrics))
     timings: dict[str, float] = {}
     tick = time.perf_counter()
     check_finite_weights({info.name: modules[info.name].weight for info in infos})
+    dequantized = QuantizedWeights(quant_type, blocksize, double_quant)  # packed 4-bit, dequantized per module on use
     for info in progress_bar(infos, progress, "Weights: 4-bit round trip"):
-        deq, weight_rows[info.name] = measure_weight(modules[info.name].weight, **settings)
-        if need_forward:
-            dequantized[info.name] = deq
+        weight = modules[info.name].weight
+        weight_rows[info.name] = weight_metrics(weight, dequantized.add(info.name, weight))
     timings["weights_s"] = time.perf_counter() - tick
     if "weight" not in metrics:
         weight_rows = {}
@@ -197,7 +198,7 @@ def analyze(
 def _fit(
     model: nn.Module,
     samples: list[CalibrationSample],
-    dequantized: dict[str, torch.Tensor],
+    dequantized: Mapping[str, torch.Tensor],
     ranks: tuple[int, ...],
     issues: dict[str, list[str]],
     progress: bool | None,
@@ -210,7 +211,7 @@ def _fit(
     def run() -> None:
         with torch.no_grad():
             for index, sample in enumerate(samples):
-                forward_logits(model, model_inputs(sample, device, dtype), index)
+                forward_logits(model, model_inputs(sample, device, dtype), index, torch.zeros_like(sample.score_mask))  # inputs only
 
     def delta(name: str) -> torch.Tensor:
         return linears[name].weight.detach().float() - dequantized[name].float()
@@ -229,7 +230,7 @@ def _fit(
 def _calibration_pass(
     model: nn.Module,
     samples: list[CalibrationSample],
-    dequantized: dict[str, torch.Tensor],
+    dequantized: Mapping[str, torch.Tensor],
     blocks: dict[str, list[str]],
     metrics: Sequence[str],
     estimator: str,
@@ -255,14 +256,14 @@ def _calibration_pass(
             param.requires_grad_(False)
         for weight in weights.values():
             weight.requires_grad_(fisher_wanted)
-        with probe:
+        with probe, fisher.consuming_gradients() if fisher_wanted else contextlib.nullcontext():
             for index, sample in enumerate(progress_bar(samples, progress, "Calibration: 16-bit vs 4-bit")):
                 inputs = model_inputs(sample, device, dtype)
                 mask = sample.score_mask.to(device)
                 probe.new_sample()
                 probe.mode = "reference" if "activation" in metrics else "off"
                 with torch.set_grad_enabled(fisher_wanted):
-                    logits = forward_logits(model, inputs, index)[mask].float()
+                    logits = forward_logits(model, inputs, index, mask).float()
                     finite = finite_rows(logits.detach())
                     logits = logits[finite]
                     ref_logp = torch.log_softmax(logits.detach(), dim=-1)
@@ -273,7 +274,7 @@ def _calibration_pass(
                 del logits
                 probe.mode = "quantized" if "activation" in metrics else "off"
                 with torch.no_grad(), swapped(model, dequantized):
-                    q_logits = forward_logits(model, inputs, index)[mask].float()[finite]
+                    q_logits = forward_logits(model, inputs, index, mask).float()[finite]
                 kl += float(kl_sum(ref_logp, q_logits))
                 top1 += top1_agreement(ref_logp, q_logits)
                 tokens += int(finite.sum())
@@ -287,7 +288,7 @@ def _calibration_pass(
 
 
 def leave_one_out(
-    model: nn.Module, samples: list[CalibrationSample], dequantized: dict[str, torch.Tensor], progress: bool | None = None
+    model: nn.Module, samples: list[CalibrationSample], dequantized: Mapping[str, torch.Tensor], progress: bool | None = None
 ) -> dict[str, float]:
     """Exact sensitivity: mean per-token KL to the 16-bit model with only one module in 4-bit, for each module.
 
@@ -311,12 +312,12 @@ def leave_one_out(
             for index, sample in enumerate(progress_bar(samples, progress, "Leave-one-out KL")):
                 inputs = model_inputs(sample, device, dtype)
                 mask = sample.score_mask.to(device)
-                ref_logp = torch.log_softmax(forward_logits(model, inputs, index)[mask].float(), dim=-1)
+                ref_logp = torch.log_softmax(forward_logits(model, inputs, index, mask).float(), dim=-1)
                 finite = finite_rows(ref_logp)
                 ref_logp = ref_logp[finite]
                 for name, deq in dequantized.items():
                     with swapped(model, {name: deq}):
-                        totals[name] += float(kl_sum(ref_logp, forward_logits(model, inputs, index)[mask][finite]))
+                        totals[name] += float(kl_sum(ref_logp, forward_logits(model, inputs, index, mask)[finite]))
                 tokens += int(finite.sum())
     finally:
         model.train(was_training)

@@ -21,8 +21,9 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import torch
 
@@ -114,18 +115,42 @@ class FisherAccumulator:
     def accumulate(self) -> None:
         """Add this sample's ``Σ (g ⊙ ΔW)²`` for every weight with a gradient (and the full-Fisher
         terms of the corrected ones), and reset the gradients."""
+        for name, weight in self.weights.items():
+            if weight.grad is not None:
+                self._consume(name, weight)
+
+    @contextlib.contextmanager
+    def consuming_gradients(self) -> Iterator[None]:
+        """Within the block, each weight's gradient is scored the moment backward has summed it, then
+        freed (``register_post_accumulate_grad_hook``): a backward pass never holds the gradients of
+        every weight at once. The scores are those :meth:`accumulate` would give.
+
+        Example:
+            >>> w = torch.nn.Parameter(torch.ones(2, 2))
+            >>> acc = FisherAccumulator({"m": w}, {"m": torch.full((2, 2), 1.5)})
+            >>> with acc.consuming_gradients():
+            ...     (w * torch.tensor([[1.0, 0.0], [0.0, 0.0]])).sum().backward()
+            >>> w.grad is None, acc.scores(num_tokens=1)["m"]
+            (True, 0.125)
+        """
+        handles = [weight.register_post_accumulate_grad_hook(lambda param, name=name: self._consume(name, param))
+                   for name, weight in self.weights.items()]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _consume(self, name: str, weight: torch.nn.Parameter) -> None:
         with torch.no_grad():
-            for name, weight in self.weights.items():
-                if weight.grad is None:
-                    continue
-                grad = weight.grad.float()
-                delta = self.dequantized[name].float() - weight.detach().float()
-                self.totals[name] = self.totals.get(name, 0.0) + float((grad * delta).pow(2).sum())
-                if self.ranks:
-                    self.full_totals[name] = self.full_totals.get(name, 0.0) + float((grad * delta).sum()) ** 2
-                if name in self.corrections:
-                    self._accumulate_ranks(name, grad, delta)
-                weight.grad = None
+            grad = weight.grad.float()
+            delta = self.dequantized[name].float() - weight.detach().float()
+            self.totals[name] = self.totals.get(name, 0.0) + float((grad * delta).pow(2).sum())
+            if self.ranks:
+                self.full_totals[name] = self.full_totals.get(name, 0.0) + float((grad * delta).sum()) ** 2
+            if name in self.corrections:
+                self._accumulate_ranks(name, grad, delta)
+        weight.grad = None
 
     def _accumulate_ranks(self, name: str, grad: torch.Tensor, delta: torch.Tensor) -> None:
         """``(g · (ΔW_4bit + B_r·A_r))²`` for every rank the module's correction provides."""

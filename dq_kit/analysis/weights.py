@@ -10,6 +10,9 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+from typing import Any
+
 import torch
 
 WEIGHT_COLUMNS = (
@@ -34,15 +37,54 @@ def quantize_roundtrip(
         >>> quantize_roundtrip(w).shape
         torch.Size([64, 64])
     """
+    return _dequantize(*_quantize(weight, quant_type, blocksize, double_quant))
+
+
+def _quantize(weight: torch.Tensor, quant_type: str, blocksize: int, double_quant: bool) -> tuple[torch.Tensor, Any, torch.Size, torch.dtype]:
     import bitsandbytes.functional as bnbf
 
     source = weight.detach()
     if source.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         source = source.float()
-    packed, state = bnbf.quantize_4bit(
-        source.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type
-    )
-    return bnbf.dequantize_4bit(packed, state).reshape(weight.shape).to(weight.dtype)
+    packed, state = bnbf.quantize_4bit(source.contiguous(), blocksize=blocksize, compress_statistics=double_quant, quant_type=quant_type)
+    return packed, state, weight.shape, weight.dtype
+
+
+def _dequantize(packed: torch.Tensor, state: Any, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    import bitsandbytes.functional as bnbf
+
+    return bnbf.dequantize_4bit(packed, state).reshape(shape).to(dtype)
+
+
+class QuantizedWeights(Mapping[str, torch.Tensor]):
+    """4-bit copies of many weights, kept packed as bitsandbytes stores them (half a byte per weight
+    plus scales: an eighth of fp32 weights) and dequantized afresh on every access, so an analysis
+    never holds a dequantized copy of the whole model. Values equal :func:`quantize_roundtrip`'s bit for bit.
+
+    Example:
+        >>> w = torch.randn(64, 64)
+        >>> store = QuantizedWeights("nf4", 64, True)
+        >>> torch.equal(store.add("m", w), quantize_roundtrip(w)), torch.equal(store["m"], quantize_roundtrip(w))
+        (True, True)
+    """
+
+    def __init__(self, quant_type: str = "nf4", blocksize: int = 64, double_quant: bool = True) -> None:
+        self.settings = (quant_type, blocksize, double_quant)
+        self._packed: dict[str, tuple[torch.Tensor, Any, torch.Size, torch.dtype]] = {}
+
+    def add(self, name: str, weight: torch.Tensor) -> torch.Tensor:
+        """Quantize ``weight``, keep it packed under ``name``, and return its round trip (for metrics)."""
+        self._packed[name] = _quantize(weight, *self.settings)
+        return _dequantize(*self._packed[name])
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return _dequantize(*self._packed[name])
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
 
 
 def weight_metrics(weight: torch.Tensor, dequantized: torch.Tensor) -> dict[str, float]:
