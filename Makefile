@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.14.1 torchvision==0.29.1
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test install clean benchmark
+.PHONY: demo test install clean benchmark gpu-check
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -29,10 +29,14 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/import_time.py
 	$(PY) benchmarks/analysis_estimator.py
 	$(PY) benchmarks/sequential_memory.py
+	$(PY) benchmarks/memory_model.py
 	$(PY) benchmarks/training.py
 	$(PY) benchmarks/prepare_models.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality_ceiling.py
+
+gpu-check: $(STAMP)
+	$(PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info

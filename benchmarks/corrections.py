@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from quality import LOADERS, HeldOut  # noqa: E402
 
 import dq_kit as dq  # noqa: E402
-from dq_kit.quant.memory import correction_bytes  # noqa: E402
+from dq_kit.quant.footprint import correction_bytes  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
 BUDGETS = (0.025, 0.05, 0.10, 0.20)

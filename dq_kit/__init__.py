@@ -72,6 +72,7 @@ _NAMES: dict[str, str] = {
     "save_adapter": "training.export",
     "merge_to_16bit": "training.export",
     "requantize": "training.export",
+    "device_stats": "training.device_stats",
 }
 
 # public submodules: the steps, and short names for the ones notebooks use most
@@ -131,6 +132,7 @@ if TYPE_CHECKING:  # what static tools and IDEs see
     from .planning.refine import Refiner, refine_plan  # noqa: F401
     from .planning.report_plan import predicted_kl  # noqa: F401
     from .quant import memory  # noqa: F401
+    from .training.device_stats import device_stats  # noqa: F401
     from .quant.checkpoint import save  # noqa: F401
     from .quant.inspection import inspect  # noqa: F401
     from .quant.loading import load, load_processor  # noqa: F401

@@ -61,7 +61,7 @@ def test_tiny_mllama_dynamic_keeps_exactly_later_cross_attention_o_proj(tiny_pat
 def test_inspect_bytes_match_the_nf4_formula(tiny_path):
     model, _ = dq.load(tiny_path("llama"), quant="4bit", processor=False)
     table = dq.inspect(model).set_index("name")
-    from dq_kit.quant.memory import nf4_weight_bytes
+    from dq_kit.quant.footprint import nf4_weight_bytes
 
     for name, module in model.named_modules():
         if is_quantized(module):

@@ -7,7 +7,7 @@ import pytest
 import dq_kit as dq
 from dq_kit.analysis.report import QuantReport
 from dq_kit.planning import plan, predicted_kl
-from dq_kit.quant.memory import nf4_weight_bytes
+from dq_kit.quant.footprint import nf4_weight_bytes
 
 
 def synthetic_report(sizes, scores, names=None, model_type="llama", family="causal_lm", nf4_total=None):

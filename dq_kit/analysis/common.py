@@ -23,7 +23,7 @@ from ..data.calibration import CalibrationSample, default_calibration, image_tok
 from ..data.chat import has_image_processor
 from ..errors import AnalysisError
 from ..models import registry
-from ..quant.memory import footprint_bytes
+from ..quant.footprint import footprint_bytes
 from ..quant.verification import is_quantized
 from ..version import __version__
 from .corrections import check_ranks

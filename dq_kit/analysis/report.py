@@ -24,7 +24,7 @@ import torch
 from ..errors import AnalysisError, DQError
 from ..files import Output, check_target, read_json, remove_stale_staging, save_json
 from ..quant.corrections import is_factors_file, read_factors, write_factors
-from ..quant.memory import nf4_weight_bytes
+from ..quant.footprint import nf4_weight_bytes
 
 REPORT_FORMAT = "dq_kit.quant_report"
 REPORT_VERSION = 1

@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +24,12 @@ from torch import nn
 
 from ..arguments import processor_second
 from ..data.calibration import CalibrationSample
-from ..errors import AnalysisError
+from ..errors import AnalysisError, DQError
 from ..progress import progress_bar
 from ..quant.loading import load
+from ..quant.memory import estimate_memory
+from ..quant.task_memory import available_bytes
+from ..units import human_bytes
 from .activations import ActivationProbe, block_names, swapped
 from .common import (
     METRICS,
@@ -60,7 +65,7 @@ def analyze(
     *,
     double_quant: bool = True,
     estimator: str = "fisher",
-    sequential: bool = False,
+    sequential: bool | str = "auto",
     corrections: bool = False,
     ranks: Sequence[int] = DEFAULT_RANKS,
     max_length: int | None = None,
@@ -86,11 +91,14 @@ def analyze(
             model's own predictions), ``"loo"`` (exact leave-one-out KL, one forward per module and
             sample) or ``"both"`` (``sensitivity`` is Fisher, ``sensitivity_loo`` the exact value and
             ``meta["spearman_fisher_loo"]`` their rank correlation).
-        sequential: hold one language-model layer at a time, reading 16-bit weights from the
-            safetensors checkpoint (``model`` must then be a folder, or a hub id, which is
+        sequential: ``True`` holds one language-model layer at a time, reading 16-bit weights from
+            the safetensors checkpoint (``model`` must then be a folder, or a hub id, which is
             downloaded); peak memory is about one layer, the embeddings and vision tower, and the
             calibration activations. Same numbers as the whole-model analysis (see
-            :mod:`dq_kit.analysis.sequential`).
+            :mod:`dq_kit.analysis.sequential`). ``"auto"`` (default) analyses a folder or hub id
+            sequentially when the predicted whole-model need (:func:`dq_kit.estimate_memory` with
+            ``task="analyze"``) exceeds the free device memory, and says so; a loaded model is
+            analysed whole.
         corrections: also fit, for every quantizable Linear, the activation-weighted low-rank
             correction of its 4-bit error (see :mod:`dq_kit.analysis.corrections`) and record its
             bf16 factors (``report.corrections``), the module's KL under the full Fisher quadratic
@@ -120,6 +128,10 @@ def analyze(
     processor, calibration = processor_second(processor, calibration, "analyze")
     metrics = check_options(metrics, quant_type, blocksize, estimator)
     ranks = check_correction_options(corrections, ranks, metrics, estimator)
+    if sequential == "auto":
+        sequential = _sequential_needed(model, corrections)
+    elif not isinstance(sequential, bool):
+        raise AnalysisError(f"sequential must be True, False or 'auto', got {sequential!r}.")
     if sequential:
         return analyze_sequential(
             model, calibration, processor, metrics, quant_type, blocksize,
@@ -193,6 +205,29 @@ def analyze(
         report.meta["sensitivity_sum"] = float(report.table["sensitivity"].sum())
     return report
 
+
+
+def _sequential_needed(model: Any, corrections: bool) -> bool:
+    """``sequential="auto"``: whether the whole-model analysis of a folder or hub id would not fit in free memory."""
+    if isinstance(model, nn.Module):
+        return False
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        estimate = estimate_memory(model, task="analyze", corrections=corrections, device=device)
+    except DQError:
+        return False  # an unreadable reference: the whole-model load says what is wrong
+    free = available_bytes(device)
+    need = estimate.resident_bytes + estimate.peak_bytes
+    if free is None or need <= free:
+        return False
+    folder = Path(os.fspath(model)).expanduser()
+    if folder.is_dir() and not any(folder.glob("*.safetensors")):
+        warnings.warn(f"The whole-model analysis of {os.fspath(model)} needs about {human_bytes(need)} but {human_bytes(free)} is free, "
+                      "and the folder has no safetensors files to stream layer by layer: analysing it whole.", stacklevel=3)
+        return False
+    warnings.warn(f"The whole-model analysis of {os.fspath(model)} needs about {human_bytes(need)} on the {device} but "
+                  f"{human_bytes(free)} is free: analysing it layer by layer instead (sequential=True; same numbers).", stacklevel=3)
+    return True
 
 
 def _fit(

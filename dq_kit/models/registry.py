@@ -58,6 +58,17 @@ class ModuleInfo:
         return self.in_features * self.out_features
 
 
+def block_of(name: str) -> str | None:
+    """The transformer block (``...layers.N``) a parameter or module sits in, or ``None``.
+
+    Example:
+        >>> block_of("model.language_model.layers.3.mlp.up_proj.weight"), block_of("lm_head.weight")
+        ('model.language_model.layers.3', None)
+    """
+    match = _BLOCK.match(name)
+    return match.group(1) if match else None
+
+
 def classify(name: str) -> tuple[str, str]:
     """Return ``(tower, group)`` for a full module name.
 

@@ -21,7 +21,7 @@ import pandas as pd
 from ..analysis.report import FULL_SENSITIVITY, GAIN_PREFIX, gain_ranks
 from ..errors import PlanError
 from ..models import registry
-from ..quant.memory import correction_bytes
+from ..quant.footprint import correction_bytes
 from ..quant.plan import Plan, matches_skip_pattern
 from .knapsack import Item, select_options
 from .options import PlanOptions

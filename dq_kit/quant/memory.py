@@ -9,87 +9,31 @@ Example:
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..errors import AnalysisError
+from ..errors import AnalysisError, DQError
 from ..models import registry
-from ..models.resolution import meta_model, resolve_config
+from ..models.resolution import default_dtype, meta_model, resolve_config
 from ..units import GIB, human_bytes, human_count
 from .corrections import plain_layers
+from .footprint import correction_bytes, footprint_bytes, plan_correction_bytes
 from .plan import Plan
-
-BLOCKSIZE = 4 * 16  # bitsandbytes' 4-bit blocksize
-NESTED_BLOCKSIZE = 256  # double quantization groups 256 absmax values
-_NF4_CODE_BYTES = 16 * 4  # the 16-entry float32 code of NF4/FP4
-_NESTED_CODE_BYTES = 256 * 4 + 4  # the 8-bit dynamic code and the offset of double quantization
-
-
-def nf4_weight_bytes(numel: int, double_quant: bool = True) -> int:
-    """Bytes bitsandbytes stores for a 4-bit weight of ``numel`` elements: packed 4-bit values,
-    per-block scales (8-bit with double quantization, else fp32) and the quantization codes.
-
-    Example:
-        >>> nf4_weight_bytes(4096 * 4096) / (4096 * 4096) * 8     # doctest: +ELLIPSIS
-        4.1274...
-    """
-    blocks = math.ceil(numel / BLOCKSIZE)
-    packed = math.ceil(numel / 2)
-    if not double_quant:
-        return packed + blocks * 4 + _NF4_CODE_BYTES
-    return packed + blocks + math.ceil(blocks / NESTED_BLOCKSIZE) * 4 + _NESTED_CODE_BYTES + _NF4_CODE_BYTES
-
-
-def correction_bytes(rank: int, in_features: int, out_features: int) -> int:
-    """Bytes of a rank-``rank`` low-rank correction stored as bf16 factors: ``2·r·(in+out)``.
-
-    Example:
-        >>> correction_bytes(8, 576, 1536)
-        33792
-    """
-    return 2 * rank * (in_features + out_features)
-
-
-def plan_correction_bytes(model: nn.Module, plan: Plan) -> int:
-    """Bytes of all of ``plan``'s corrections on ``model`` (a skeleton on the meta device will do).
-
-    Example:
-        >>> import dq_kit as dq
-        >>> model = dq.tiny.build_tiny_model("llama")
-        >>> plan_correction_bytes(model, dq.Plan(corrections={"model.layers.0.mlp.down_proj": 4}))   # 2·4·(128 + 64)
-        1536
-    """
-    modules = dict(model.named_modules())
-    return sum(correction_bytes(rank, modules[name].in_features, modules[name].out_features) for name, rank in plan.corrections.items())
-
-
-def footprint_bytes(model: nn.Module, quantized: set[str], *, double_quant: bool = True, bytes_16bit: int = 2) -> int:
-    """Bytes of ``model`` with the Linear weights named in ``quantized`` stored in 4-bit and every
-    other parameter in 16-bit (tied parameters counted once). Works on a meta-device skeleton.
-
-    Example:
-        >>> import dq_kit as dq
-        >>> model = dq.tiny.build_tiny_model("llama")
-        >>> footprint_bytes(model, set()) == 2 * sum(p.numel() for p in model.parameters())
-        True
-    """
-    quantized_weights = {f"{name}.weight" for name in quantized}
-    total = 0
-    for name, param in model.named_parameters():
-        if name in quantized_weights:
-            total += nf4_weight_bytes(param.numel(), double_quant)
-        else:
-            total += param.numel() * bytes_16bit
-    return total
+from .task_memory import TaskMemory, Workload, task_memory
 
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of one model in 16-bit, uniform NF4 and under a plan."""
+    """Bytes of one model in 16-bit, uniform NF4 and under a plan, and what a task adds on the device.
+
+    ``peak_bytes`` is the memory the task (``task_memory.task``) adds beyond the model as it sits
+    during the task (``resident_bytes``), on the dtype the model would load with; :meth:`fits` says
+    per common GPU whether both fit.
+    """
 
     model: str
     params: int
@@ -100,6 +44,7 @@ class MemoryEstimate:
     kept_modules: int
     corrected_modules: int = 0
     correction_bytes: int = 0
+    task_memory: TaskMemory | None = None
 
     def gib(self, which: str) -> float:
         """Size in GiB of ``"16bit"``, ``"4bit"`` or ``"plan"``."""
@@ -109,6 +54,26 @@ class MemoryEstimate:
     def plan_overhead(self) -> float:
         """Extra size of the plan over uniform NF4, as a fraction (0.10 = +10%)."""
         return self.bytes_plan / self.bytes_4bit - 1
+
+    @property
+    def peak_bytes(self) -> int:
+        """Memory the task adds on the device beyond the loaded model, at its peak (0 without a task)."""
+        return self.task_memory.peak_bytes if self.task_memory else 0
+
+    @property
+    def resident_bytes(self) -> int:
+        """The model on the device during the task (16-bit for a whole-model analysis, 0 for a sequential one)."""
+        return self.task_memory.resident_bytes if self.task_memory else self.bytes_plan
+
+    def fits(self) -> dict[str, bool]:
+        """Per common GPU (T4 16 GB, L4 24 GB, A100 40/80 GB, H100 80 GB), whether the model and the task fit.
+
+        Example:
+            >>> import dq_kit as dq
+            >>> dq.estimate_memory("Qwen/Qwen2-VL-2B-Instruct", task="train", device="cuda").fits()["T4 16 GB"]
+            True
+        """
+        return self.task_memory.fits() if self.task_memory else {}
 
     def to_frame(self):
         """The three sizes as a pandas DataFrame (GiB, bytes, ratio to 16-bit)."""
@@ -125,45 +90,100 @@ class MemoryEstimate:
         ).set_index("variant")
 
     def __str__(self) -> str:
-        return (
-            f"{self.model}: {human_count(self.params)} parameters\n"
-            f"  16-bit            {human_bytes(self.bytes_16bit):>11}\n"
-            f"  NF4 (all Linear)  {human_bytes(self.bytes_4bit):>11}\n"
+        lines = [
+            f"{self.model}: {human_count(self.params)} parameters",
+            f"  16-bit            {human_bytes(self.bytes_16bit):>11}",
+            f"  NF4 (all Linear)  {human_bytes(self.bytes_4bit):>11}",
             f"  {'dynamic (' + self.plan_source + ')':<18}{human_bytes(self.bytes_plan):>11}  "
             f"(+{self.plan_overhead:.1%} over NF4, {self.kept_modules} module(s) in 16-bit"
-            + (f", {self.corrected_modules} with low-rank corrections of {human_bytes(self.correction_bytes)})" if self.corrected_modules else ")")
-        )
+            + (f", {self.corrected_modules} with low-rank corrections of {human_bytes(self.correction_bytes)})" if self.corrected_modules else ")"),
+        ]
+        if self.task_memory:
+            memory = self.task_memory
+            lines.append(f"  {memory.task}: model {human_bytes(memory.resident_bytes)} + peak {human_bytes(memory.peak_bytes)} = "
+                         f"{human_bytes(memory.total_bytes)}  ("
+                         + ", ".join(f"{name} {human_bytes(value)}" for name, value in memory.parts.items() if value) + ")")
+            lines.append("  fits: " + ", ".join(f"{gpu} {'yes' if ok else 'no'}" for gpu, ok in memory.fits().items()))
+        return "\n".join(lines)
 
     def _repr_html_(self) -> str:
-        return f"<b>{self.model}</b> — {human_count(self.params)} parameters" + self.to_frame().to_html()
+        return f"<b>{self.model}</b> — {human_count(self.params)} parameters" + self.to_frame().to_html() + (
+            f"<pre>{str(self).split(chr(10), 4)[-1]}</pre>" if self.task_memory else "")
 
 
-def estimate_memory(config_or_name_or_path: Any, plan: Plan | None = None, *, trust_remote_code: bool = False) -> MemoryEstimate:
-    """Sizes of a model in 16-bit, uniform NF4 and under ``plan`` (default: its preset), computed on
-    the meta device: no weights are downloaded or allocated. Configs of popular VLMs ship with
-    dq_kit, so their hub ids work offline.
+def estimate_memory(
+    config_or_name_or_path: Any,
+    plan: Plan | None = None,
+    *,
+    task: str = "inference",
+    quant: str = "dynamic",
+    sequential: bool = False,
+    samples: int = 8,
+    tokens: int = 256,
+    vision_tokens: int | None = None,
+    batch_size: int = 1,
+    seq_len: int = 512,
+    lora_r: int = 16,
+    gradient_checkpointing: bool = True,
+    corrections: bool = False,
+    device: str | None = None,
+    dtype: torch.dtype | None = None,
+    trust_remote_code: bool = False,
+) -> MemoryEstimate:
+    """Sizes of a model in 16-bit, uniform NF4 and under ``plan`` (default: its preset), and the
+    peak memory ``task`` adds on the device, computed on the meta device: no weights are downloaded
+    or allocated. Configs of popular VLMs ship with dq_kit, so their hub ids work offline.
+
+    Args:
+        config_or_name_or_path: a hub id, a local folder, a config, or a model.
+        plan: the plan the model is loaded with (inference and training); default the preset.
+        task: ``"inference"`` (generation of ``seq_len`` tokens in batches of ``batch_size``),
+            ``"analyze"`` (:func:`dq_kit.analyze` of ``samples`` samples of ``tokens`` tokens;
+            ``sequential=True`` for the layer-by-layer mode; ``corrections=True`` with corrections)
+            or ``"train"`` (LoRA of rank ``lora_r`` on ``batch_size`` × ``seq_len`` tokens, with or
+            without ``gradient_checkpointing``).
+        quant: the model variant loaded for inference or training: ``"16bit"``, ``"4bit"`` or ``"dynamic"``.
+        vision_tokens: patches per image in the vision tower (default from the config).
+        device: ``"cuda"`` or ``"cpu"``: where the task runs (default: a GPU when there is one). On the
+            CPU attention probabilities are materialised; on a GPU fused kernels avoid them.
+        dtype: compute dtype (default: what :func:`dq_kit.load` uses on ``device``: bf16 on a GPU, fp32 on the CPU).
+
+    Returns:
+        A :class:`MemoryEstimate`: ``.peak_bytes`` (the task's addition), ``.resident_bytes``,
+        ``.fits()`` (T4 / L4 / A100 / H100) and a printable summary.
 
     Example:
         >>> import dq_kit as dq
         >>> print(dq.estimate_memory("meta-llama/Llama-3.2-11B-Vision-Instruct"))   # doctest: +ELLIPSIS
         meta-llama/Llama-3.2-11B-Vision-Instruct: 10.67 B parameters
         ...
+        >>> dq.estimate_memory("Qwen/Qwen2-VL-2B-Instruct", task="analyze", device="cuda").fits()["T4 16 GB"]
+        True
     """
+    if quant not in ("16bit", "4bit", "dynamic"):
+        raise DQError(f"quant must be '16bit', '4bit' or 'dynamic', got {quant!r}.")
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cuda", "cpu"):
+        raise DQError(f"device must be 'cuda' or 'cpu', got {device!r}.")
+    dtype = dtype or (torch.float32 if device == "cpu" else torch.bfloat16 if not torch.cuda.is_available() else default_dtype())
+    workload = Workload(task, sequential, samples, tokens, vision_tokens, batch_size, seq_len, lora_r, gradient_checkpointing,
+                        corrections, torch.empty((), dtype=dtype).element_size(), device)
     if isinstance(config_or_name_or_path, nn.Module):
         with plain_layers(config_or_name_or_path) as model:  # a PEFT model's own layers, not its adapters
-            return _estimate(model, model.config.model_type, plan)
+            return _estimate(model, model.config.model_type, plan, workload, quant)
     config = resolve_config(config_or_name_or_path, trust_remote_code=trust_remote_code, prefer_shipped=True)
     model = meta_model(config, trust_remote_code=trust_remote_code)
     label = os.fspath(config_or_name_or_path) if isinstance(config_or_name_or_path, (str, os.PathLike)) else config.model_type
-    return _estimate(model, label, plan)
+    return _estimate(model, label, plan, workload, quant)
 
 
-def _estimate(model: nn.Module, label: str, plan: Plan | None) -> MemoryEstimate:
+def _estimate(model: nn.Module, label: str, plan: Plan | None, workload: Workload | None = None, quant: str = "dynamic") -> MemoryEstimate:
     plan = plan or Plan.preset(model)
     plan.check(model)
     linear = {info.name for info in registry.linear_modules(model)}
     uniform = Plan.uniform(model)
     corrections = plan_correction_bytes(model, plan)
+    loaded = {"16bit": Plan(keep=tuple(linear)), "4bit": uniform, "dynamic": plan}[quant]
     return MemoryEstimate(
         model=label,
         params=sum(p.numel() for p in model.parameters()),
@@ -174,6 +194,7 @@ def _estimate(model: nn.Module, label: str, plan: Plan | None) -> MemoryEstimate
         kept_modules=len(plan.keep),
         corrected_modules=len(plan.corrections),
         correction_bytes=corrections,
+        task_memory=task_memory(model, loaded, workload) if workload else None,
     )
 
 

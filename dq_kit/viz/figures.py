@@ -245,7 +245,7 @@ def _gain_per_mib(rows: Any, ranks: list[int]) -> Any:
     full-Fisher form the planner weighs them in (gains clipped to [0, that sensitivity])."""
     import pandas as pd
 
-    from ..quant.memory import correction_bytes
+    from ..quant.footprint import correction_bytes
 
     mib = 2**20
     sensitivity = rows["sensitivity_full" if "sensitivity_full" in rows.columns else "sensitivity"].clip(lower=0)
