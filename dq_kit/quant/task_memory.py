@@ -217,8 +217,10 @@ def _analysis_memory(model: nn.Module, workload: Workload, towers: dict[str, _To
             # the activation probe's 16-bit outputs: most are saved for the backward pass anyway; q, k, the attention and
             # MLP outputs and the block's output are not (five hidden-size tensors per layer)
             "reference outputs": sum(5 * tower.layers * tokens.get(name, t) * tower.hidden * e for name, tower in towers.items()),
-            "logits": scored * vocab * 4 * 4,
-            "per-module scratch": 5 * largest * 4,
+            # at the scored positions, in fp32: the 16-bit logits, their selection, log-probabilities, the sampled labels'
+            # probabilities, the loss's log-softmax and the gradients back through them (8 copies at the start of backward)
+            "logits": scored * vocab * 4 * 8,
+            "per-module scratch": 5 * largest * 4,  # a gradient, its 4-bit round trip, their difference and products, in fp32
             "corrections": corrections,
         }
         return TaskMemory("analyze", footprint_bytes(model, set(), bytes_16bit=e), sum(parts.values()), parts)
