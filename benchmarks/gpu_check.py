@@ -16,6 +16,8 @@ Writes ``benchmarks/results/gpu.md`` and ``gpu.json`` (progressively: a run cut 
 measured). Without CUDA, or with a bitsandbytes that has no CUDA kernels, it says so and exits 0.
 
 Run: ``make gpu-check`` or ``python benchmarks/gpu_check.py [--quick]`` (``--quick``: tiny models only).
+``--rehearse`` runs the same steps on the CPU with the tiny models (memory from the process's RSS),
+writing ``gpu_rehearsal.md`` instead: it checks the script itself before a GPU's time is spent on it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+RESULT_NAME = "gpu"
 TRAIN_STEPS = 12
 BATCH = 4
 NEW_TOKENS = 64
@@ -66,7 +69,7 @@ class Recorder:
 
     def write(self) -> None:
         RESULTS.mkdir(parents=True, exist_ok=True)
-        (RESULTS / "gpu.json").write_text(json.dumps({**self.header, "rows": self.rows}, indent=2, default=str) + "\n")
+        (RESULTS / f"{RESULT_NAME}.json").write_text(json.dumps({**self.header, "rows": self.rows}, indent=2, default=str) + "\n")
         lines = ["# GPU check", "", *[f"- {key}: {value}" for key, value in self.header.items()], ""]
         sections: dict[str, list[dict]] = {}
         for row in self.rows:
@@ -78,7 +81,7 @@ class Recorder:
             lines += [f"## {section}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
             lines += ["| " + " | ".join(_cell(row.get(key, "")) for key in columns) + " |" for row in rows]
             lines.append("")
-        (RESULTS / "gpu.md").write_text("\n".join(lines))
+        (RESULTS / f"{RESULT_NAME}.md").write_text("\n".join(lines))
 
 
 def _cell(value: Any) -> str:
@@ -87,17 +90,22 @@ def _cell(value: Any) -> str:
     return str(value).replace("|", "/").replace("\n", " ")[:200]
 
 
-def measured(function, *args, **kwargs) -> tuple[Any, float, int]:
-    """``(result, seconds, peak CUDA bytes added)`` of one call."""
-    import torch
+DEVICE = "cuda"
 
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    before = torch.cuda.memory_allocated()
-    started = time.perf_counter()
+
+def measured(function, *args, **kwargs) -> tuple[Any, float, int]:
+    """``(result, seconds, peak bytes added)`` of one call: CUDA memory, or RSS when rehearsing on the CPU."""
+    import dq_kit as dq
+
+    stats = dq.device_stats()
     result = function(*args, **kwargs)
-    torch.cuda.synchronize()
-    return result, time.perf_counter() - started, torch.cuda.max_memory_allocated() - before
+    return result, time.perf_counter() - stats.started, stats.peak() - stats.before
+
+
+def in_use() -> int:
+    import dq_kit as dq
+
+    return dq.device_stats().in_use()
 
 
 def build_models(folder: Path, quick: bool) -> dict[str, Path]:
@@ -120,14 +128,14 @@ def build_models(folder: Path, quick: bool) -> dict[str, Path]:
     llama.num_hidden_layers, llama.tie_word_embeddings = 2, False
     for name, config, model_class in (("qwen2_vl ~1B", qwen, transformers.Qwen2VLForConditionalGeneration),
                                       ("llama ~1B", llama, transformers.LlamaForCausalLM)):
-        with torch.device("cuda"):
+        with torch.device(DEVICE):
             model = model_class(config).to(torch.bfloat16).eval()
         path = folder / name.replace(" ", "-").replace("~", "")
         model.save_pretrained(path)
         processor = dq.tiny.tiny_processor("qwen2_vl" if "qwen" in name else "llama")
         processor.save_pretrained(path)
         del model
-        torch.cuda.empty_cache()
+        _empty_cache()
         models[name] = path
     return models
 
@@ -159,7 +167,7 @@ def check_model(name: str, path: Path, record: Recorder, dtype=None, section_suf
     report = None
     for mode, sequential in (("whole", False), ("sequential", True)):
         try:
-            torch.cuda.empty_cache()
+            _empty_cache()
             if sequential:
                 result, seconds, peak = measured(dq.analyze, path, calibration=calibration, sequential=True, progress=False)
                 resident = 0
@@ -167,12 +175,12 @@ def check_model(name: str, path: Path, record: Recorder, dtype=None, section_suf
                 model16, processor = dq.load(path, quant="16bit", dtype=dtype)
                 result, seconds, peak = measured(dq.analyze, model16, processor, calibration, sequential=False, corrections=True,
                                                  progress=False)
-                resident = torch.cuda.memory_allocated()
+                resident = in_use()
                 report = result
                 del model16
             tokens = int(result.meta.get("calibration_tokens", 0) / max(result.meta.get("calibration_samples", 1), 1))
             predicted = dq.estimate_memory(path, task="analyze", sequential=sequential, corrections=not sequential, tokens=max(tokens, 1),
-                                           device="cuda", dtype=dtype).peak_bytes
+                                           device=DEVICE, dtype=dtype).peak_bytes
             record.add("analysis" + section_suffix, model=name, mode=mode, seconds=seconds, peak_added_gib=peak / 2**30,
                        predicted_gib=predicted / 2**30, error=predicted / peak - 1 if peak else float("nan"),
                        kl_uniform=result.meta.get("kl_uniform"), resident_gib=resident / 2**30)
@@ -182,10 +190,10 @@ def check_model(name: str, path: Path, record: Recorder, dtype=None, section_suf
     speeds: dict[str, dict[str, float]] = {}
     for quant in ("16bit", "4bit", "dynamic"):
         try:
-            torch.cuda.empty_cache()
+            _empty_cache()
             kwargs = {"plan": plan, "report": report} if quant == "dynamic" and plan is not None else {}
             (model, processor), seconds, _ = measured(dq.load, path, quant=quant, dtype=dtype, **kwargs)
-            footprint = torch.cuda.memory_allocated()
+            footprint = in_use()
             peft_model = dq.add_lora(model, r=16, vision=False)
             fp16 = dtype == torch.float16
             trainer = dq.sft_trainer(peft_model, processor, _train_rows(vlm), output_dir=tempfile.mkdtemp(), max_steps=TRAIN_STEPS,
@@ -209,6 +217,13 @@ def check_model(name: str, path: Path, record: Recorder, dtype=None, section_suf
                    memory_ratio=speeds["dynamic"]["peak"] / max(speeds["4bit"]["peak"], 1), targets="speed >= 0.95, memory <= 1.1")
 
 
+def _empty_cache() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} @ {traceback.extract_tb(exc.__traceback__)[-1].name}"
 
@@ -217,8 +232,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny models only (a minute)")
+    parser.add_argument("--rehearse", action="store_true", help="run the steps on the CPU with the tiny models, to check the script")
     args = parser.parse_args(argv)
-    why_not = _cuda_ready()
+    global DEVICE, RESULT_NAME
+    if args.rehearse:
+        DEVICE, RESULT_NAME, args.quick = "cpu", "gpu_rehearsal", True
+    why_not = None if args.rehearse else _cuda_ready()
     if why_not:
         print(f"GPU check skipped: {why_not}. Nothing was measured; run it on a machine with a CUDA GPU.")
         return 0
@@ -229,19 +248,22 @@ def main(argv: list[str] | None = None) -> int:
     import dq_kit as dq
 
     started = time.perf_counter()
-    record = Recorder({"gpu": torch.cuda.get_device_name(), "memory": f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB",
-                       "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+    device = (torch.cuda.get_device_name(), f"{torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB") if DEVICE == "cuda" else (
+        "CPU rehearsal (not a GPU measurement)", "RSS")
+    record = Recorder({"gpu": device[0], "memory": device[1],
+                       "torch": torch.__version__, "cuda": torch.version.cuda if DEVICE == "cuda" else None, "transformers": transformers.__version__,
                        "bitsandbytes": bitsandbytes.__version__, "dq_kit": dq.__version__, "python": platform.python_version()})
     with tempfile.TemporaryDirectory() as tmp:
         models = build_models(Path(tmp), args.quick)
         for name, path in models.items():
             check_model(name, path, record)
-        fp16_model = models.get("qwen2_vl ~1B", models["tiny qwen2_vl"])
-        check_model(f"{[n for n, p in models.items() if p == fp16_model][0]} (fp16)", fp16_model, record, dtype=torch.float16,
-                    section_suffix=" (fp16, the T4 path)")
+        if DEVICE == "cuda":  # fp16 matmuls are a GPU path
+            fp16_model = models.get("qwen2_vl ~1B", models["tiny qwen2_vl"])
+            check_model(f"{[n for n, p in models.items() if p == fp16_model][0]} (fp16)", fp16_model, record, dtype=torch.float16,
+                        section_suffix=" (fp16, the T4 path)")
     record.header["total_s"] = round(time.perf_counter() - started, 1)
     record.write()
-    print(f"GPU check finished in {record.header['total_s']} s: {RESULTS / 'gpu.md'}")
+    print(f"GPU check finished in {record.header['total_s']} s: {RESULTS / (RESULT_NAME + '.md')}")
     return 0
 
 
