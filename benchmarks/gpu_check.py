@@ -103,9 +103,9 @@ def measured(function, *args, **kwargs) -> tuple[Any, float, int]:
 
 
 def in_use() -> int:
-    import dq_kit as dq
+    from dq_kit.training.device_stats import memory_in_use
 
-    return dq.device_stats().in_use()
+    return memory_in_use()
 
 
 def build_models(folder: Path, quick: bool) -> dict[str, Path]:
@@ -147,8 +147,9 @@ def _is_vlm(path: Path) -> bool:
 
 
 def _train_rows(vlm: bool, n: int = 32):
-    import dq_kit as dq
     from datasets import Dataset
+
+    import dq_kit as dq
 
     if vlm:
         return dq.data.shapes_dataset(n, task="colour", test_size=None)
@@ -259,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
             check_model(name, path, record)
         if DEVICE == "cuda":  # fp16 matmuls are a GPU path
             fp16_model = models.get("qwen2_vl ~1B", models["tiny qwen2_vl"])
-            check_model(f"{[n for n, p in models.items() if p == fp16_model][0]} (fp16)", fp16_model, record, dtype=torch.float16,
+            check_model(f"{next(n for n, p in models.items() if p == fp16_model)} (fp16)", fp16_model, record, dtype=torch.float16,
                         section_suffix=" (fp16, the T4 path)")
     record.header["total_s"] = round(time.perf_counter() - started, 1)
     record.write()

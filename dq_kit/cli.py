@@ -101,7 +101,10 @@ def _add_analyze(subparsers: Any) -> None:
     parser.add_argument("--metrics", nargs="+", default=["weight", "activation", "sensitivity"],
                         choices=["weight", "activation", "sensitivity"], help="metrics to measure (default: all)")
     parser.add_argument("--estimator", default="fisher", choices=["fisher", "loo", "both"], help="sensitivity estimator")
-    parser.add_argument("--sequential", action="store_true", help="hold one block at a time (models larger than memory)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--sequential", action="store_const", const=True, default="auto",
+                      help="hold one block at a time (models larger than memory); default: when the whole model would not fit")
+    mode.add_argument("--whole", action="store_const", const=False, dest="sequential", help="analyse the whole model at once")
     parser.add_argument("--corrections", action="store_true",
                         help="also fit low-rank error corrections (written beside the report as <name>.corrections.<id>.safetensors)")
     parser.add_argument("--quant-type", default="nf4", choices=["nf4", "fp4"])

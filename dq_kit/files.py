@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import json
 import os
 import re
@@ -28,6 +29,8 @@ from .errors import DQError
 
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
+_MAX_HEADER_BYTES = 100 * 2**20
+_MAX_DOCUMENT_BYTES = 512 * 2**20
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ def check_target(path: str | os.PathLike, output: Output, overwrite: bool = Fals
     path = Path(path).expanduser().resolve()
     if not output.is_folder and path.is_dir():
         raise DQError(f"{path} is a folder; the {output.what} is written as a file. Give a file path such as {path / 'out.json'}.")
-    if not path.exists() and not path.is_symlink() or overwrite or output.is_earlier_output(path):
+    if (not path.exists()) or overwrite or output.is_earlier_output(path):
         return path
     if path.is_dir():
         shown = ", ".join(sorted(p.name for p in path.iterdir())[:5])
@@ -104,25 +107,27 @@ def atomic_directory(path: str | os.PathLike, output: Output, overwrite: bool = 
         >>> (Path("/tmp/dq-atomic-demo") / "a.txt").read_text()
         'hello'
     """
+    recover_interrupted(path)  # first: an output put back is checked like any other
     path = check_target(path, output, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
-    recover_interrupted(path)
     staging = Path(tempfile.mkdtemp(prefix=_staging_prefix(path), suffix=".tmp", dir=path.parent))
     staging.chmod(_usual_mode(directory=True))
+    backup = staging.with_suffix(".old")
     try:
         yield staging
         check_target(path, output, overwrite)  # nothing else took the path meanwhile
-        if not path.exists() and not path.is_symlink():
+        if not path.exists():
             os.replace(staging, path)
         elif _exchange(staging, path):
             _remove(staging)  # now holds the old output
         else:
-            backup = staging.with_suffix(".old")
             os.replace(path, backup)
             os.replace(staging, path)
             _remove(backup)
     except BaseException:
         _remove(staging)
+        if backup.exists() and not path.exists():  # failed between the two moves: the old output goes back
+            os.replace(backup, path)
         raise
 
 
@@ -221,7 +226,7 @@ def recover_interrupted(path: str | os.PathLike) -> bool:
     stale = _stale_staging(path.parent, re.escape(path.name))
     recovered = False
     backups = sorted((e for e, kind in stale if kind == "old"), key=lambda e: e.stat().st_mtime, reverse=True)
-    if backups and not path.exists() and not path.is_symlink():
+    if backups and not path.exists():
         os.replace(backups[0], path)
         recovered = True
         warnings.warn(f"{path} was missing after an interrupted save; the previous output was put back from {backups[0].name}.",
@@ -264,12 +269,14 @@ def _file_format(path: Path) -> str | None:
     """The ``"format"`` a dq_kit file declares: a JSON document's field, or a safetensors file's metadata."""
     try:
         with open(path, "rb") as handle:
-            head = handle.read(8)
-            if path.suffix == ".safetensors" and len(head) == 8:
-                size = int.from_bytes(head, "little")
-                data = json.loads(handle.read(size)).get("__metadata__") if size < 100_000_000 else None
+            if path.suffix == ".safetensors":
+                size = int.from_bytes(handle.read(8), "little")
+                header = json.loads(handle.read(size)) if size < _MAX_HEADER_BYTES else None
+                data = header.get("__metadata__") if isinstance(header, dict) else None
+            elif path.stat().st_size < _MAX_DOCUMENT_BYTES:
+                data = json.loads(handle.read())
             else:
-                data = json.loads(head + handle.read())
+                return None  # larger than any document dq_kit writes
     except (OSError, ValueError):
         return None
     return data.get("format") if isinstance(data, dict) else None
@@ -305,6 +312,7 @@ def _exchange(first: Path, second: Path) -> bool:
     raise OSError(code, os.strerror(code), str(first), None, str(second))
 
 
+@functools.cache
 def _libc() -> Any:
     try:
         return ctypes.CDLL(None, use_errno=True)

@@ -147,3 +147,23 @@ def test_a_failed_save_leaves_the_old_output(tmp_path):
         raise RuntimeError("disk full")
     assert (tmp_path / "out" / "a.txt").read_text() == "old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_failure_between_the_two_moves_puts_the_old_output_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "_exchange", lambda first, second: False)
+    output = files.Output("demo", marker="a.txt")
+    with files.atomic_directory(tmp_path / "out", output) as staging:
+        (staging / "a.txt").write_text("old")
+    real, calls = os.replace, []
+
+    def second_move_fails(source, target):
+        calls.append(source)
+        if len(calls) == 2:
+            raise OSError("the disk went away")
+        return real(source, target)
+
+    monkeypatch.setattr(os, "replace", second_move_fails)
+    with pytest.raises(OSError, match="disk went away"), files.atomic_directory(tmp_path / "out", output) as staging:
+        (staging / "a.txt").write_text("new")
+    assert (tmp_path / "out" / "a.txt").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -24,7 +24,7 @@ from torch import nn
 
 from ..arguments import processor_second
 from ..data.calibration import CalibrationSample
-from ..errors import AnalysisError, DQError
+from ..errors import AnalysisError
 from ..progress import progress_bar
 from ..quant.loading import load
 from ..quant.memory import estimate_memory
@@ -214,10 +214,10 @@ def _sequential_needed(model: Any, corrections: bool) -> bool:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         estimate = estimate_memory(model, task="analyze", corrections=corrections, device=device)
-    except DQError:
-        return False  # an unreadable reference: the whole-model load says what is wrong
+    except Exception:  # noqa: BLE001 - an unreadable reference or an unusual config: the whole-model load says what is wrong
+        return False
     free = available_bytes(device)
-    need = estimate.resident_bytes + estimate.peak_bytes
+    need = estimate.task_memory.total_bytes
     if free is None or need <= free:
         return False
     folder = Path(os.fspath(model)).expanduser()
@@ -238,10 +238,10 @@ def _fit(
     issues: dict[str, list[str]],
     progress: bool | None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Correction factors of every finite weight, from 16-bit no-grad passes over the calibration set."""
+    """Correction factors of every weight, from 16-bit no-grad passes over the calibration set."""
     device, dtype = device_dtype(model)
     modules = dict(model.named_modules())
-    linears = {name: modules[name] for name in dequantized if name not in issues}
+    linears = {name: modules[name] for name in dequantized}
 
     def run() -> None:
         with torch.no_grad():
@@ -304,8 +304,7 @@ def _calibration_pass(
                     ref_logp = torch.log_softmax(logits.detach(), dim=-1)
                     if fisher_wanted and len(logits):
                         labels = sample_labels(ref_logp, generator)
-                        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
-                        fisher.accumulate()
+                        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()  # scored in hooks
                 del logits
                 probe.mode = "quantized" if "activation" in metrics else "off"
                 with torch.no_grad(), swapped(model, dequantized):

@@ -80,6 +80,9 @@ class QuantizedWeights(Mapping[str, torch.Tensor]):
     def __getitem__(self, name: str) -> torch.Tensor:
         return _dequantize(*self._packed[name])
 
+    def __contains__(self, name: object) -> bool:  # without dequantizing, as Mapping's default would
+        return name in self._packed
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._packed)
 

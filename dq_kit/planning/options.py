@@ -70,7 +70,7 @@ class PlanOptions:
             raise PlanError("budget=None leaves nothing to plan by: pass a budget (0.10 for +10%), budget_bytes=, threshold= or top_k=.")
         _check_number("budget", self.budget, "a fraction of the NF4 footprint, e.g. 0.10 for +10%")
         _check_number("budget_bytes", self.budget_bytes, "a number of bytes, e.g. 200_000_000", integer=True)
-        _check_number("threshold", self.threshold, "a score, e.g. 1e-3", negative=True)
+        _check_number("threshold", self.threshold, "a score, e.g. 1e-3")
         _check_number("top_k", self.top_k, "a number of modules, e.g. 10", integer=True)
         if self.budget is not None and self.budget < 0 or self.budget_bytes is not None and self.budget_bytes < 0:
             raise PlanError("The budget must be >= 0 (a fraction of the NF4 footprint, e.g. 0.10 for +10%).")
@@ -139,7 +139,7 @@ class PlanOptions:
         return dataclasses.replace(self, **changes)
 
 
-def _check_number(name: str, value: Any, example: str, *, integer: bool = False, negative: bool = False) -> None:
+def _check_number(name: str, value: Any, example: str, *, integer: bool = False) -> None:
     """Raise :class:`dq_kit.PlanError` unless ``value`` is ``None`` or a finite number (a whole one with ``integer``)."""
     if value is None:
         return

@@ -84,7 +84,7 @@ def load(
 
     load_kwargs = dict(dtype=dtype, device_map=device_map, trust_remote_code=trust_remote_code, **kwargs)
     if gguf_file is not None:
-        return _load_gguf(reference, gguf_file, config, quant, plan, report, processor, load_kwargs)
+        return _load_gguf(model_class, reference, gguf_file, quant, plan, report, processor, load_kwargs)
     stored = None
     if quant != "16bit":
         skeleton = meta_model(config, trust_remote_code=trust_remote_code)
@@ -147,10 +147,10 @@ def _check_device_map(device_map: Any) -> None:
                       "(torch.cuda.is_available() is False). Leave device_map out (the CPU is used), or pass device_map='cpu'.")
 
 
-def _load_gguf(reference: str, gguf_file: str, config: Any, quant: str, plan: Plan | None, report: Any, processor: bool,
+def _load_gguf(model_class: type, reference: str, gguf_file: str, quant: str, plan: Plan | None, report: Any, processor: bool,
                load_kwargs: dict[str, Any]) -> tuple[nn.Module, Any]:
     """Load a GGUF file (dequantized by transformers), then quantize it in memory for the 4-bit modes."""
-    model = _from_pretrained(auto_class(config), reference, {**load_kwargs, "gguf_file": gguf_file})
+    model = _from_pretrained(model_class, reference, {**load_kwargs, "gguf_file": gguf_file})
     forget_gguf_origin(model)
     model.dq_plan = None
     if quant == "4bit":
@@ -160,7 +160,8 @@ def _load_gguf(reference: str, gguf_file: str, config: Any, quant: str, plan: Pl
     tokenizer = None
     if processor:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(reference, gguf_file=gguf_file)
+            hub = {k: v for k, v in load_kwargs.items() if k in ("revision", "token", "cache_dir", "local_files_only", "trust_remote_code")}
+            tokenizer = AutoTokenizer.from_pretrained(reference, gguf_file=gguf_file, **hub)
         except (OSError, ValueError, TypeError) as exc:
             raise DQError(f"Could not load the tokenizer from {gguf_file!r}: {str(exc).splitlines()[0]}. "
                           "Pass processor=False to load the model alone.") from exc

@@ -18,7 +18,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -169,7 +168,8 @@ def task_memory(model: nn.Module, plan: Plan, workload: Workload) -> TaskMemory:
         kv_dim = kv_dim * (getattr(kv, "head_dim", None) or language.hidden // max(language.heads, 1))
         parts = {
             "kv cache": 2 * language.layers * b * s * kv_dim * e,
-            "prefill activations": b * s * (4 * language.hidden + 2 * language.intermediate) * e + b * language.heads * s * s * e,
+            "prefill activations": b * s * (4 * language.hidden + 2 * language.intermediate) * e
+            + (b * language.heads * s * s * e if workload.device == "cpu" else 0),
             "logits": 2 * b * vocab * 4,
             "dequantized weight": largest * e if quantized else 0,
         }
@@ -249,7 +249,7 @@ def _analysis_memory(model: nn.Module, workload: Workload, towers: dict[str, _To
 
 
 def _head_bytes(model: nn.Module, element_size: int) -> int:
-    """Parameters of the output head (and its final norm)."""
+    """Parameters of the output head."""
     heads = registry.output_head_names(model)
     return sum(model.get_submodule(name).weight.numel() * element_size for name in heads)
 
@@ -316,13 +316,3 @@ def available_bytes(device: str | None = None) -> int | None:
         return None
     line = next((line for line in lines if line.startswith("MemAvailable:")), None)
     return int(line.split()[1]) * 1024 if line else None
-
-
-def gib(n_bytes: float) -> float:
-    """Bytes in GiB (for tables).
-
-    Example:
-        >>> gib(2**31)
-        2.0
-    """
-    return n_bytes / GIB if math.isfinite(n_bytes) else n_bytes

@@ -41,7 +41,7 @@ class DeviceStats:
 
     def in_use(self) -> int:
         """Bytes in use now: CUDA memory allocated, or the process's RSS."""
-        return torch.cuda.memory_allocated() if self.cuda else _status_bytes("VmRSS")
+        return memory_in_use()
 
     def peak(self) -> int:
         """The highest use since the start, in bytes."""
@@ -72,6 +72,16 @@ class DeviceStats:
         peak = self.peak()
         return (f"peak {human_bytes(peak)} ({'+' if peak >= self.before else ''}{human_bytes(peak - self.before)} over the start) "
                 f"in {time.perf_counter() - self.started:.1f} s")
+
+
+def memory_in_use() -> int:
+    """Bytes in use now: CUDA memory allocated on a GPU, else the process's resident memory.
+
+    Example:
+        >>> memory_in_use() > 0
+        True
+    """
+    return torch.cuda.memory_allocated() if torch.cuda.is_available() else _status_bytes("VmRSS")
 
 
 def device_stats(predicted_peak: int | None = None) -> DeviceStats:

@@ -40,7 +40,8 @@ from ..errors import DataError, DQError
 TRAINER_STATE = "trainer_state.json"
 _WEIGHT_FILES = ("adapter_model.safetensors", "model.safetensors", "model.safetensors.index.json")
 _NO_ANSWER = ("no assistant turn", "an assistant turn has no text")
-_TOKEN_CHECK_ROWS = 8
+_TOKEN_CHECK_ROWS = 64  # rows collated before training to find one trained token, in batches of
+_TOKEN_CHECK_BATCH = 8
 
 
 def last_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -239,12 +240,15 @@ def _check_trainable_tokens(trainer: SFTTrainer, n_rows: int, responses_only: bo
     prepared = trainer.train_dataset
     if len(prepared) == 0:
         raise DataError(f"Nothing to learn: preparing the data for training left none of its {n_rows} rows: {why}.")
-    if len(prepared) < n_rows:
+    if len(prepared) < n_rows and not trainer.args.packing:
         warnings.warn(f"Preparing the data for training dropped {n_rows - len(prepared)} of {n_rows} rows ({why}).", stacklevel=3)
-    rows = [prepared[index] for index in range(min(len(prepared), _TOKEN_CHECK_ROWS))]
-    try:
-        batch = trainer.data_collator(rows)
-    except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-        raise DataError(f"The first {len(rows)} training rows cannot be turned into a batch: {str(exc).splitlines()[0]}") from exc
-    if int((batch["labels"] != -100).sum()) == 0:
-        raise DataError(f"Nothing to learn: no token of the first {len(rows)} training rows is trained on: {why}.")
+    checked = min(len(prepared), _TOKEN_CHECK_ROWS)
+    for start in range(0, checked, _TOKEN_CHECK_BATCH):
+        rows = [prepared[index] for index in range(start, min(start + _TOKEN_CHECK_BATCH, checked))]
+        try:
+            batch = trainer.data_collator(rows)
+        except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise DataError(f"Training rows {start}-{start + len(rows) - 1} cannot be turned into a batch: {str(exc).splitlines()[0]}") from exc
+        if int((batch["labels"] != -100).sum()):
+            return
+    raise DataError(f"Nothing to learn: no token of the first {checked} training rows is trained on: {why}.")
