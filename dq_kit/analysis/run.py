@@ -304,7 +304,8 @@ def _calibration_pass(
                     ref_logp = torch.log_softmax(logits.detach(), dim=-1)
                     if fisher_wanted and len(logits):
                         labels = sample_labels(ref_logp, generator)
-                        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()  # scored in hooks
+                        torch.nn.functional.cross_entropy(logits, labels, reduction="sum").backward()
+                        fisher.accumulate()  # gradients the hooks did not consume (none while they are attached)
                 del logits
                 probe.mode = "quantized" if "activation" in metrics else "off"
                 with torch.no_grad(), swapped(model, dequantized):
