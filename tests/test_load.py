@@ -164,3 +164,14 @@ def test_trust_remote_code_is_off_by_default(tiny_path, monkeypatch):
     monkeypatch.setattr(dq.quant.loading.AutoTokenizer, "from_pretrained", spy)
     _, tokenizer = dq.load(tiny_path("llama"), quant="16bit")
     assert seen["trust_remote_code"] is False and tokenizer is not None
+
+
+def test_quant_storage_makes_every_parameter_one_dtype_for_fsdp(tiny_path):
+    """FSDP flattens parameters of one dtype: with quant_storage=bf16 and dtype=bf16, 4-bit and 16-bit parameters share it."""
+    path = tiny_path("llama")
+    model, tokenizer = dq.load(path, quant="dynamic", dtype=torch.bfloat16, quant_storage=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    assert type(model.model.layers[0].mlp.up_proj).__name__ == "Linear4bit"
+    packed, _ = dq.load(path, quant="dynamic", dtype=torch.bfloat16)
+    inputs = tokenizer("A red circle.", return_tensors="pt")
+    assert torch.equal(model(**inputs).logits, packed(**inputs).logits), "the storage dtype changes nothing computed"

@@ -32,6 +32,7 @@ def load(
     report: Any = None,
     processor: bool = True,
     gguf_file: str | None = None,
+    quant_storage: torch.dtype | None = None,
     trust_remote_code: bool = False,
     **kwargs: Any,
 ) -> tuple[nn.Module, Any]:
@@ -53,6 +54,9 @@ def load(
         gguf_file: a GGUF file in ``name_or_path`` (``"SmolLM2-135M-Instruct.Q4_1.gguf"``):
             transformers dequantizes it to ``dtype``, and dq_kit treats the result as the
             full-precision source it is (4-bit modes quantize it in memory with the plan).
+        quant_storage: the dtype packed 4-bit weights are stored as (bitsandbytes'
+            ``bnb_4bit_quant_storage``; default uint8). Pass the 16-bit dtype (``torch.bfloat16``) to
+            shard a 4-bit model with FSDP, which needs one dtype for all the parameters it flattens.
         trust_remote_code: run code from the model repository; off unless you trust it.
         **kwargs: passed to ``from_pretrained`` (``revision=``, ``attn_implementation=``, ...).
 
@@ -94,7 +98,7 @@ def load(
         elif plan is None:
             plan = stored or Plan.preset(skeleton)
         plan.check(skeleton)
-        load_kwargs["quantization_config"] = plan.bnb_config(dtype)
+        load_kwargs["quantization_config"] = plan.bnb_config(dtype, quant_storage or torch.uint8)
     quantized_config = prequantized_config(config, plan, stored, dtype)
     if quantized_config is not None:  # already 4-bit on disk: transformers reads the skip list from the config
         load_kwargs.pop("quantization_config", None)

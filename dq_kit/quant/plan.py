@@ -211,8 +211,11 @@ class Plan:
         """Exact names passed to ``llm_int8_skip_modules``: kept plus fixed modules."""
         return sorted(set(self.keep) | set(self.fixed))
 
-    def bnb_config(self, compute_dtype: torch.dtype | str | None = None):
+    def bnb_config(self, compute_dtype: torch.dtype | str | None = None, quant_storage: torch.dtype = torch.uint8):
         """The ``transformers.BitsAndBytesConfig`` that loads a model according to this plan.
+
+        ``quant_storage`` is the dtype the packed 4-bit weights are stored as (``torch.bfloat16``
+        lets FSDP shard 4-bit and 16-bit parameters together).
 
         Example:
             >>> cfg = Plan(fixed=("lm_head",)).bnb_config(torch.float32)
@@ -226,7 +229,7 @@ class Plan:
             bnb_4bit_quant_type=self.quant_type,
             bnb_4bit_use_double_quant=self.double_quant,
             bnb_4bit_compute_dtype=compute_dtype or default_dtype(),
-            bnb_4bit_quant_storage=torch.uint8,
+            bnb_4bit_quant_storage=quant_storage,
             llm_int8_skip_modules=self.skip_modules,
         )
 
