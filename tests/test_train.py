@@ -125,3 +125,9 @@ def test_unknown_training_option_is_a_clear_error(tiny_path):
     splits = dq.data.shapes_dataset(8, task="colour", test_size=None)
     with pytest.raises(dq.DQError, match=r"Unknown training option\(s\) \['warmup_ratios'\]"):
         dq.sft_trainer(dq.add_lora(model, r=4), processor, splits, warmup_ratios=0.1)
+
+
+def test_fsdp_needs_one_storage_dtype(tiny_path, shapes):
+    model, processor = dq.load(tiny_path("qwen2_vl"), quant="dynamic")
+    with pytest.raises(dq.DQError, match=r"FSDP needs every parameter in one dtype.*quant_storage=torch.bfloat16"):
+        sft_trainer(add_lora(model, r=2), processor, shapes["train"], fsdp="full_shard", max_steps=1)

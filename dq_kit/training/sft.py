@@ -188,6 +188,8 @@ def sft_trainer(
     unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(SFTConfig)})
     if unknown:
         raise DQError(f"Unknown training option(s) {unknown}: sft_trainer passes its keywords to trl.SFTConfig, which has no such field.")
+    if settings.get("fsdp"):
+        _check_fsdp_storage(model)
     args = SFTConfig(**settings)
     try:
         trainer = DQSFTTrainer(
@@ -208,6 +210,17 @@ def sft_trainer(
     _check_trainable_tokens(trainer, len(train), responses_only)
     print(f"dq.sft_trainer: checkpoints and logs go to {Path(args.output_dir).resolve()} (choose with output_dir=).")
     return trainer
+
+
+def _check_fsdp_storage(model: nn.Module) -> None:
+    """FSDP flattens parameters of one dtype: 4-bit weights stored as uint8 beside 16-bit ones cannot be sharded together."""
+    dtypes = {parameter.dtype for parameter in model.parameters()}
+    if torch.uint8 in dtypes and len(dtypes) > 1:
+        raise DQError(
+            "FSDP needs every parameter in one dtype, but this 4-bit model stores its 4-bit weights as uint8 beside "
+            f"{sorted(str(d).removeprefix('torch.') for d in dtypes - {torch.uint8})} parameters. Load it with "
+            "dq.load(..., dtype=torch.bfloat16, quant_storage=torch.bfloat16)."
+        )
 
 
 def _rows_with_answers(dataset: Dataset, name: str, conversational: bool) -> Dataset:
