@@ -57,17 +57,6 @@ def build(size: str, path: Path) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def _mib(field: str) -> float:
-    line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(field + ":"))
-    return int(line.split()[1]) / 1024
-
-
-def _start() -> float:
-    before = _mib("VmRSS")
-    Path("/proc/self/clear_refs").write_text("5")  # the peak (VmHWM) restarts from the current RSS
-    return before
-
-
 def _train_rows(words: int) -> list[dict]:
     text = " ".join(["red circle blue square green triangle"] * (words // 6))
     return [{"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe the picture."}]},
@@ -91,8 +80,7 @@ def child(task: str, path: str) -> None:
         result["tokens"] = max(s.num_tokens for s in samples)
         if model is not None:
             _ = [float(p.detach().sum()) for p in model.parameters()]  # page the checkpoint in before measuring
-        before = _start()
-        started = time.perf_counter()
+        stats = dq.device_stats()  # the peak and the clock restart now
         dq.analyze(model if model is not None else path, tokenizer, calibration, sequential=task == "sequential", progress=False)
     else:
         from datasets import Dataset
@@ -101,14 +89,13 @@ def child(task: str, path: str) -> None:
         rows = Dataset.from_list(_train_rows(TRAIN["words"]))
         result["seq_len"] = max(len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows)
         _ = [float(p.detach().float().sum()) for p in model.parameters() if p.dtype.is_floating_point]
-        before = _start()
-        started = time.perf_counter()
+        stats = dq.device_stats()  # the peak and the clock restart now
         peft_model = dq.add_lora(model, r=16, gradient_checkpointing=task == "train")
         trainer = dq.sft_trainer(peft_model, tokenizer, rows, output_dir=tempfile.mkdtemp(), max_steps=TRAIN["steps"],
                                  per_device_train_batch_size=TRAIN["batch_size"], activation_checkpointing=task == "train",
                                  save_strategy="no", logging_steps=1)
         trainer.train()
-    result.update(added_mib=_mib("VmHWM") - before, seconds=time.perf_counter() - started)
+    result.update(added_mib=(stats.peak() - stats.before) / 2**20, seconds=time.perf_counter() - stats.started)
     print(json.dumps(result))
 
 

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from ..errors import AnalysisError, DQError
-from ..files import Output, check_target, read_json, remove_stale_staging, save_json
+from ..files import Output, check_target, read_json, remove_stale_staging, write_json
 from ..quant.corrections import is_factors_file, read_factors, write_factors
 from ..quant.footprint import nf4_weight_bytes
 
@@ -103,7 +103,7 @@ class QuantReport:
             0.2
         """
         value = self.meta.get(key)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
             found = "lacks it" if value is None else f"has {value!r}"
             raise AnalysisError(f"The report's meta needs a number {key!r} and {found}: it was not made by dq.analyze with "
                                 "calibration data, or its file was edited. Re-run dq.analyze.")
@@ -225,7 +225,7 @@ class QuantReport:
             factors = corrections_path(path, secrets.token_hex(4))
             data["meta"]["corrections_file"] = factors.name
             write_factors(factors, self.corrections)
-        save_json(path, data, REPORT_OUTPUT, overwrite)
+        write_json(path, data)  # the target was checked above, before the factors were written
         _remove_unused_factors(path, data["meta"].get("corrections_file"))
         return path
 

@@ -273,6 +273,17 @@ def preset_modules(model: nn.Module, family: Family | None = None) -> list[str]:
     return [name for name in family.preset(linear_modules(model)) if name not in heads]
 
 
+def text_config(config: Any) -> Any:
+    """The language model's config: ``text_config`` of a vision-language model, else the config itself.
+
+    Example:
+        >>> import transformers
+        >>> text_config(transformers.LlamaConfig(hidden_size=64)).hidden_size
+        64
+    """
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
 def model_identity(config: Any) -> dict[str, Any]:
     """What tells one model from another of the same type: name or path, layer count, hidden size
     (of the language model, for a vision-language model).
@@ -282,7 +293,7 @@ def model_identity(config: Any) -> dict[str, Any]:
         >>> model_identity(transformers.LlamaConfig(num_hidden_layers=2, hidden_size=64))
         {'name_or_path': None, 'num_layers': 2, 'hidden_size': 64}
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return {
         "name_or_path": getattr(config, "_name_or_path", None) or None,
         "num_layers": getattr(text, "num_hidden_layers", None),

@@ -32,7 +32,7 @@ from torch import nn
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import DQError, PlanError, UnsupportedModelError
-from ..files import Output, atomic_directory, atomic_write_text, check_target, read_json, write_json
+from ..files import Output, atomic_directory, atomic_write_text, read_json, write_json
 from ..models import registry
 from ..models.resolution import meta_model
 from ..units import human_bytes
@@ -119,8 +119,7 @@ def save(
             f"The plan corrects {len(plan.corrections)} module(s) but neither the model nor report= carries the factors: "
             "pass the report from dq.analyze(..., corrections=True)."
         )
-    check_target(path, CHECKPOINT, overwrite)
-    with atomic_directory(path, CHECKPOINT, overwrite) as folder:
+    with atomic_directory(path, CHECKPOINT, overwrite) as folder:  # refuses a foreign target before anything is written
         with plain_layers(model) as plain:
             plain.save_pretrained(folder)
         if corrected:

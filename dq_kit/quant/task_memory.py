@@ -155,7 +155,7 @@ def task_memory(model: nn.Module, plan: Plan, workload: Workload) -> TaskMemory:
     quantized = {info.name for info in infos} - skip
     towers = _towers(model.config, quantizable, eager_attention=workload.device == "cpu")
     language = towers["language"]
-    vocab = _text_config(model.config).vocab_size
+    vocab = registry.text_config(model.config).vocab_size
     e = workload.element_size
     vision_tokens = _vision_tokens(model.config, workload.vision_tokens)
     largest = max((info.numel for info in quantizable), default=0)
@@ -163,7 +163,7 @@ def task_memory(model: nn.Module, plan: Plan, workload: Workload) -> TaskMemory:
 
     if workload.task == "inference":
         b, s = workload.batch_size, workload.seq_len
-        kv = _text_config(model.config)
+        kv = registry.text_config(model.config)
         kv_dim = getattr(kv, "num_key_value_heads", None) or language.heads
         kv_dim = kv_dim * (getattr(kv, "head_dim", None) or language.hidden // max(language.heads, 1))
         parts = {
@@ -266,12 +266,8 @@ def _front_bytes(model: nn.Module, element_size: int) -> int:
     return total
 
 
-def _text_config(config: Any) -> Any:
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
-
-
 def _towers(config: Any, infos: list[registry.ModuleInfo], eager_attention: bool) -> dict[str, _Tower]:
-    text = _text_config(config)
+    text = registry.text_config(config)
     towers = {"language": _Tower(text.num_hidden_layers, text.hidden_size, getattr(text, "intermediate_size", None) or 4 * text.hidden_size,
                                  text.num_attention_heads, [i for i in infos if i.tower == "language"], eager_attention)}
     vision = getattr(config, "vision_config", None)
