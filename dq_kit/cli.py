@@ -8,6 +8,8 @@ Example:
     $ dq-kit analyze Qwen/Qwen2-VL-2B-Instruct --out report.json --metrics weight activation --plots figures/
     $ dq-kit plan report.json --budget 0.10 --out plan.json
     $ dq-kit memory meta-llama/Llama-3.2-11B-Vision-Instruct --plan plan.json
+    $ dq-kit train Qwen/Qwen2-VL-2B-Instruct --dataset shapes --output runs/shapes --steps 200
+    $ torchrun --nproc_per_node 2 -m dq_kit.cli train Qwen/Qwen2-VL-2B-Instruct --output runs/ddp --batch-size 16
 """
 
 from __future__ import annotations
@@ -171,7 +173,58 @@ def _add_memory(subparsers: Any) -> None:
     parser.set_defaults(func=_run_memory)
 
 
-SUBCOMMANDS: list[Callable[[Any], None]] = [_add_analyze, _add_plan, _add_memory]
+def _run_train(args: argparse.Namespace) -> int:
+    from .training.job import TrainingJob, parse_sft_options, run_training
+
+    columns = {name: getattr(args, name) for name in ("image", "question", "answer", "messages", "system", "default_question")
+               if getattr(args, name) is not None}
+    job = TrainingJob(
+        model=args.model, output=args.output, plan=args.plan, quant=args.quant, dataset=args.dataset, split=args.split,
+        samples=args.samples, columns=columns, task=args.task, steps=args.steps, batch_size=args.batch_size,
+        learning_rate=args.learning_rate, lora_r=args.lora_r, vision=args.vision, sft=parse_sft_options(args.sft),
+        resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+    )
+    run_training(job)
+    return 0
+
+
+def _add_train(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="LoRA fine-tuning of a (dynamic) 4-bit model on a chat dataset; runs under torchrun / accelerate launch",
+        description="Load a model in dynamic 4-bit, add LoRA adapters, train with answer-only loss and write the adapter "
+                    "to OUTPUT/adapter. Under torchrun or accelerate launch every process trains a copy (DDP) and the first "
+                    "one writes the files.",
+    )
+    parser.add_argument("model", help="local model folder or hub id")
+    parser.add_argument("--output", required=True, help="the run's folder: checkpoints/, adapter/ and dq_train.json go here")
+    parser.add_argument("--plan", help="a plan JSON, or 'preset' (default: the checkpoint's own plan, else the family preset)")
+    parser.add_argument("--quant", default="dynamic", choices=["dynamic", "4bit", "16bit"], help="how to load the base (default dynamic)")
+    parser.add_argument("--dataset", default="shapes", help="'shapes' (synthetic, offline), a local data folder or file, or a hub id")
+    parser.add_argument("--split", default="train", help="the split of a folder or hub dataset (default train)")
+    parser.add_argument("--samples", type=int, help="rows to train on (default: all; 1000 for shapes)")
+    parser.add_argument("--task", default="describe", choices=["describe", "colour", "shape", "position", "count", "mixed"],
+                        help="the shapes task (default describe)")
+    for column in ("image", "question", "answer", "messages", "system"):
+        parser.add_argument(f"--{column}", help=f"the dataset's {column} column, when it is not detected"
+                            if column != "system" else "a system message put before every conversation")
+    parser.add_argument("--default-question", help="the question of a caption dataset without a question column")
+    parser.add_argument("--steps", type=int, default=100, help="optimizer steps (default 100)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="rows per optimizer step over all processes (default 8); must split evenly over them")
+    parser.add_argument("--learning-rate", type=float, default=2e-4, help="default 2e-4")
+    parser.add_argument("--lora-r", type=int, default=16, help="adapter rank (default 16)")
+    parser.add_argument("--vision", action=argparse.BooleanOptionalAction, default=False,
+                        help="also adapt the vision side of a VLM (default --no-vision)")
+    parser.add_argument("--sft", action="append", default=[], metavar="KEY=VALUE",
+                        help="any trl.SFTConfig field, repeatable (--sft save_steps=20 --sft lr_scheduler_type=cosine)")
+    parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last complete checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="start over in an --output that holds an earlier run")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.set_defaults(func=_run_train)
+
+
+SUBCOMMANDS: list[Callable[[Any], None]] = [_add_analyze, _add_plan, _add_memory, _add_train]
 
 
 def build_parser() -> argparse.ArgumentParser:

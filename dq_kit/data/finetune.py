@@ -382,7 +382,7 @@ def validate(
         bad = set(report.bad_indices)
         checked = checked.select([index for index in range(len(checked)) if index not in bad])
     if not len(checked):
-        raise DataError("No valid row is left to train on.")
+        raise DataError(f"No valid row is left to train on. {report}")
     return checked.remove_columns("_dq_problem")
 
 
