@@ -24,7 +24,7 @@ def test_two_processes_train_one_identical_adapter(tiny_path, tmp_path):
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                "-m", "dq_kit.cli", "train", str(tiny_path("qwen2_vl")), "--output", str(output),
                "--samples", "16", "--steps", "3", "--batch-size", "4", "--lora-r", "4", *QUIET]
-    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment)
+    finished = subprocess.run(command, capture_output=True, text=True, timeout=180, env=environment, check=False)
     assert finished.returncode == 0, finished.stdout[-3000:] + finished.stderr[-3000:]
     fingerprints = dict(re.findall(r"rank (\d) of 2: adapter fingerprint ([0-9a-f]{64})", finished.stdout))
     assert set(fingerprints) == {"0", "1"}, finished.stdout[-3000:]

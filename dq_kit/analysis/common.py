@@ -70,6 +70,33 @@ def measure_weight(weight: torch.Tensor, quant_type: str, blocksize: int, double
     return deq, weight_metrics(weight, deq)
 
 
+def check_weights_in_memory(model: nn.Module) -> None:
+    """Raise :class:`AnalysisError` when parts of ``model`` are offloaded (weights on the meta device).
+
+    accelerate's offload hooks (``device_map`` entries ``"cpu"`` beside a GPU, or ``"disk"``) put a
+    module's weights in place only during its forward and would overwrite the 4-bit round trip the
+    analysis swaps in, so such a model is refused rather than measured wrong. Layers spread over
+    several GPUs (or all on the CPU) hold their weights and are analysed as they are.
+
+    Example:
+        >>> with torch.device("meta"):
+        ...     offloaded = nn.Sequential(nn.Linear(2, 2))
+        >>> check_weights_in_memory(offloaded)
+        Traceback (most recent call last):
+        ...
+        dq_kit.errors.AnalysisError: 1 module(s) of this model are offloaded (weights on the meta device: 0) ...
+    """
+    offloaded = sorted({name.rpartition(".")[0] for name, parameter in model.named_parameters() if parameter.device.type == "meta"})
+    if offloaded:
+        shown = ", ".join(offloaded[:4]) + (f" and {len(offloaded) - 4} more" if len(offloaded) > 4 else "")
+        raise AnalysisError(
+            f"{len(offloaded)} module(s) of this model are offloaded (weights on the meta device: {shown}): accelerate puts their "
+            "weights in place only while they run, so dq.analyze cannot measure them. Analyse the model's folder layer by layer "
+            "instead, dq.analyze(path, sequential=True), or load it with a device_map and max_memory that keep every layer on a "
+            "GPU or on the CPU."
+        )
+
+
 def check_finite_weights(weights: dict[str, torch.Tensor]) -> None:
     """Raise :class:`AnalysisError` naming every module whose weight holds NaN or inf.
 

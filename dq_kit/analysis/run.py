@@ -37,6 +37,7 @@ from .common import (
     check_correction_options,
     check_finite_weights,
     check_options,
+    check_weights_in_memory,
     device_dtype,
     finite_rows,
     forward_logits,
@@ -151,6 +152,7 @@ def analyze(
     need_forward = bool({"activation", "sensitivity"} & set(metrics))
     timings: dict[str, float] = {}
     tick = time.perf_counter()
+    check_weights_in_memory(model)
     check_finite_weights({info.name: modules[info.name].weight for info in infos})
     dequantized = QuantizedWeights(quant_type, blocksize, double_quant)  # packed 4-bit, dequantized per module on use
     for info in progress_bar(infos, progress, "Weights: 4-bit round trip"):
