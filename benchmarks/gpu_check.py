@@ -10,7 +10,9 @@ language layers, and the language model of Llama 3.2 11B Vision with two layers.
 * LoRA training (``dq.sft_trainer``) on 16-bit, NF4 and dynamic: samples/s and peak memory, with
   the dynamic/NF4 ratios (targets: at least 0.95x the speed, at most 1.1x the memory);
 * generation tokens/s;
-* the fp16 path a T4 takes (load, train, generate in float16).
+* the fp16 path a T4 takes (load, train, generate in float16);
+* ``dq-kit train`` on the tiny VLM under ``torchrun`` over every GPU: DDP, then FSDP with the 4-bit
+  weights stored as bf16 (that the processes agree, the parallelism the trainer used, the adapter).
 
 Writes ``benchmarks/results/gpu.md`` and ``gpu.json`` (progressively: a run cut short keeps what it
 measured). Without CUDA, or with a bitsandbytes that has no CUDA kernels, it says so and exits 0.
@@ -25,6 +27,8 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -218,6 +222,29 @@ def check_model(name: str, path: Path, record: Recorder, dtype=None, section_suf
                    memory_ratio=speeds["dynamic"]["peak"] / max(speeds["4bit"]["peak"], 1), targets="speed >= 0.95, memory <= 1.1")
 
 
+def check_scripted_training(tiny_vlm: Path, record: Recorder, folder: Path) -> None:
+    """`dq-kit train` under torchrun on every GPU (DDP), then with FSDP (4-bit weights stored as bf16), as a user runs it."""
+    import torch
+
+    processes = max(1, torch.cuda.device_count()) if DEVICE == "cuda" else 2
+    variants = {"DDP": []}
+    if DEVICE == "cuda":
+        variants["FSDP"] = ["--sft", 'fsdp="full_shard auto_wrap"', "--sft", 'fsdp_config={"use_orig_params": false}']
+    for name, extra in variants.items():
+        output = folder / f"train-{name}"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                   "-m", "dq_kit.cli", "train", str(tiny_vlm), "--output", str(output), "--samples", "32", "--steps", "4",
+                   "--batch-size", str(4 * processes), "--lora-r", "4", "--sft", "disable_tqdm=true", *extra]
+        tick = time.perf_counter()
+        finished = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+        fingerprints = set(re.findall(r"adapter fingerprint ([0-9a-f]{64})", finished.stdout))
+        mode = re.search(r"parallelism: (\S+)", finished.stdout)
+        record.add("dq-kit train under torchrun", variant=name, processes=processes, ok=finished.returncode == 0,
+                   seconds=round(time.perf_counter() - tick, 1), parallelism=mode.group(1) if mode else "",
+                   ranks_agree=len(fingerprints) == 1, adapter=(output / "adapter" / "adapter_model.safetensors").is_file(),
+                   error="" if finished.returncode == 0 else (finished.stderr.strip().splitlines() or [""])[-1])
+
+
 def _empty_cache() -> None:
     import torch
 
@@ -262,6 +289,7 @@ def main(argv: list[str] | None = None) -> int:
             fp16_model = models.get("qwen2_vl ~1B", models["tiny qwen2_vl"])
             check_model(f"{next(n for n, p in models.items() if p == fp16_model)} (fp16)", fp16_model, record, dtype=torch.float16,
                         section_suffix=" (fp16, the T4 path)")
+        check_scripted_training(models["tiny qwen2_vl"], record, Path(tmp))
     record.header["total_s"] = round(time.perf_counter() - started, 1)
     record.write()
     print(f"GPU check finished in {record.header['total_s']} s: {RESULTS / (RESULT_NAME + '.md')}")

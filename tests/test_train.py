@@ -130,4 +130,16 @@ def test_unknown_training_option_is_a_clear_error(tiny_path):
 def test_fsdp_needs_one_storage_dtype(tiny_path, shapes):
     model, processor = dq.load(tiny_path("qwen2_vl"), quant="dynamic")
     with pytest.raises(dq.DQError, match=r"FSDP needs every parameter in one dtype.*quant_storage=torch.bfloat16"):
-        sft_trainer(add_lora(model, r=2), processor, shapes["train"], fsdp="full_shard", max_steps=1)
+        sft_trainer(add_lora(model, r=2), processor, shapes["train"], fsdp="full_shard", use_cpu=False, max_steps=1)
+
+
+def test_sharding_on_the_cpu_is_refused_not_silently_dropped(tiny_path, shapes, monkeypatch):
+    """On the CPU, transformers' Trainer runs accelerate's MULTI_CPU mode: it wraps the model in DDP and ignores
+    FSDP / ZeRO-3 settings, so FSDP-QLoRA cannot be exercised here; it is covered by `make gpu-check`."""
+    model, processor = dq.load(tiny_path("qwen2_vl"), quant="dynamic", quant_storage=torch.float32)
+    lora = add_lora(model, r=2)
+    with pytest.raises(dq.DQError, match="need GPUs: on the CPU the trainer runs plain data parallelism"):
+        sft_trainer(lora, processor, shapes["train"], fsdp="full_shard", max_steps=1)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` with an FSDP config sets
+    with pytest.raises(dq.DQError, match="need GPUs"):
+        sft_trainer(lora, processor, shapes["train"], max_steps=1)

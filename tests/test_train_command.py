@@ -80,6 +80,8 @@ def test_a_data_folder_with_its_own_columns(tiny_path, tmp_path, capsys):
     (["--batch-size", "3", "--sft", "gradient_accumulation_steps=2"], "give a multiple of 2"),
     (["--steps", "0"], "--steps must be at least 1"),
     (["--dataset", "/no/such/data.jsonl"], "could not be read"),
+    pytest.param(["--sft", 'fsdp="full_shard auto_wrap"'], "FSDP / DeepSpeed ZeRO-3 need GPUs",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="sharding is refused only without a GPU")),
 ])
 def test_bad_options_are_refused_before_any_work(tiny_path, tmp_path, capsys, bad, message):
     output = tmp_path / "run"

@@ -293,11 +293,15 @@ def run_training(job: TrainingJob) -> Path:
         'adapter'
     """
     from ..models.resolution import auto_class, resolve_config
+    from .sft import shards_parameters
 
     world = World.from_environment()
     per_device = per_device_batch(job, world)
     if job.steps < 1:
         raise DQError(f"--steps must be at least 1, got {job.steps}.")
+    if shards_parameters(job.sft) and not torch.cuda.is_available():
+        raise DQError("FSDP / DeepSpeed ZeRO-3 need GPUs: on the CPU the trainer runs plain data parallelism (DDP) and would "
+                      "ignore the sharding settings. Leave them out to train with DDP, or run on GPUs.")
     config = resolve_config(job.model)
     vlm = auto_class(config).__name__ == "AutoModelForImageTextToText"
     if job.dataset == "shapes" and not vlm:
@@ -310,7 +314,8 @@ def run_training(job: TrainingJob) -> Path:
         model, processor, trainer = _build_trainer(job, world, config, train, per_device, output)
         stats = _memory_before(job, model, trainer, train, per_device)
         result = trainer.train(resume_from_checkpoint=True if job.resume else None)
-        print(f"{result.global_step} steps, mean training loss {result.training_loss:.3f}")
+        print(f"{result.global_step} steps, mean training loss {result.training_loss:.3f}; parallelism: "
+              f"{trainer.accelerator.distributed_type.value} over {world.size} process(es)")
         print("training:", stats.report())
     adapter = output / "adapter"
     if world.is_main:
@@ -328,7 +333,7 @@ def _build_trainer(job: TrainingJob, world: World, config: Any, train: Any, per_
     from ..quant.loading import load
     from ..quant.plan import Plan
     from .lora import add_lora
-    from .sft import sft_trainer
+    from .sft import sft_trainer, shards_parameters
 
     device_map = {"": world.local_rank} if torch.cuda.is_available() else "cpu"
     dtype = default_dtype(device_map)
@@ -338,7 +343,7 @@ def _build_trainer(job: TrainingJob, world: World, config: Any, train: Any, per_
     elif job.quant == "dynamic" and job.plan is not None:
         plan = Plan.load(job.plan)
     # FSDP flattens parameters of one dtype: the packed 4-bit weights are then stored in the 16-bit dtype
-    storage = {"quant_storage": dtype} if job.sft.get("fsdp") and job.quant != "16bit" else {}
+    storage = {"quant_storage": dtype} if shards_parameters(job.sft) and job.quant != "16bit" else {}
     model, processor = load(job.model, quant=job.quant, plan=plan, dtype=dtype, device_map=device_map, **storage)
     peft_model = add_lora(model, r=job.lora_r, alpha=job.lora_r, vision=job.vision, language=True)
     trainer = sft_trainer(

@@ -188,8 +188,8 @@ def sft_trainer(
     unknown = sorted(set(settings) - {field.name for field in dataclasses.fields(SFTConfig)})
     if unknown:
         raise DQError(f"Unknown training option(s) {unknown}: sft_trainer passes its keywords to trl.SFTConfig, which has no such field.")
-    if settings.get("fsdp"):
-        _check_fsdp_storage(model)
+    if shards_parameters(settings):
+        _check_sharding(model, settings)
     args = SFTConfig(**settings)
     try:
         trainer = DQSFTTrainer(
@@ -212,8 +212,25 @@ def sft_trainer(
     return trainer
 
 
-def _check_fsdp_storage(model: nn.Module) -> None:
-    """FSDP flattens parameters of one dtype: 4-bit weights stored as uint8 beside 16-bit ones cannot be sharded together."""
+def shards_parameters(settings: dict[str, Any]) -> bool:
+    """Whether training will shard the parameters: ``fsdp`` in the settings, or ``accelerate launch`` with an
+    FSDP or DeepSpeed ZeRO-3 config (accelerate passes those to the trainer through the environment).
+
+    Example:
+        >>> shards_parameters({"fsdp": "full_shard auto_wrap"}), shards_parameters({})
+        (True, False)
+    """
+    environment = {name: os.environ.get(name, "").lower() for name in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")}
+    zero_3 = environment["ACCELERATE_USE_DEEPSPEED"] == "true" and os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3"
+    return bool(settings.get("fsdp")) or environment["ACCELERATE_USE_FSDP"] == "true" or zero_3
+
+
+def _check_sharding(model: nn.Module, settings: dict[str, Any]) -> None:
+    """Sharding needs GPUs, and one dtype for the parameters it flattens (4-bit weights stored as uint8 beside
+    16-bit ones cannot be sharded together)."""
+    if settings.get("use_cpu"):
+        raise DQError("FSDP / DeepSpeed ZeRO-3 need GPUs: on the CPU the trainer runs plain data parallelism (DDP) and "
+                      "would ignore the sharding settings. Leave them out to train with DDP, or run on GPUs.")
     dtypes = {parameter.dtype for parameter in model.parameters()}
     if torch.uint8 in dtypes and len(dtypes) > 1:
         raise DQError(
