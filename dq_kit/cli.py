@@ -182,7 +182,7 @@ def _run_train(args: argparse.Namespace) -> int:
         model=args.model, output=args.output, plan=args.plan, quant=args.quant, dataset=args.dataset, split=args.split,
         samples=args.samples, columns=columns, task=args.task, steps=args.steps, batch_size=args.batch_size,
         learning_rate=args.learning_rate, lora_r=args.lora_r, vision=args.vision, sft=parse_sft_options(args.sft),
-        resume=args.resume, overwrite=args.overwrite, seed=args.seed,
+        resume=args.resume, overwrite=args.overwrite, seed=args.seed, spread=args.spread,
     )
     run_training(job)
     return 0
@@ -220,6 +220,8 @@ def _add_train(subparsers: Any) -> None:
                         help="any trl.SFTConfig field, repeatable (--sft save_steps=20 --sft lr_scheduler_type=cosine)")
     parser.add_argument("--resume", action="store_true", help="continue the run in --output from its last complete checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="start over in an --output that holds an earlier run")
+    parser.add_argument("--spread", action="store_true",
+                        help="one process, the model's layers spread over all visible GPUs (a model larger than one GPU, without FSDP)")
     parser.add_argument("--seed", type=int, default=0)
     parser.set_defaults(func=_run_train)
 

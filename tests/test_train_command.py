@@ -90,6 +90,13 @@ def test_bad_options_are_refused_before_any_work(tiny_path, tmp_path, capsys, ba
     assert not (output / "checkpoints").exists()
 
 
+def test_spreading_one_model_is_refused_under_several_processes(tiny_path, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", str(tiny_path("qwen2_vl")), "--output", str(tmp_path / "run"), "--spread"]) == 2
+    assert "this run has 2 processes" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_folder_with_other_files_is_left_alone(tiny_path, tmp_path, capsys):
     (tmp_path / "notes.txt").write_text("mine")
     for extra in ([], ["--overwrite"]):

@@ -108,6 +108,8 @@ class TrainingJob:
         resume: continue the run in ``output`` from its last complete checkpoint.
         overwrite: start over in a folder that holds an earlier run (its checkpoints are removed).
         seed: the seed of the shapes data and of training.
+        spread: one process places the model's layers over all visible GPUs (``device_map="auto"``), for
+            a model larger than one GPU without FSDP; the GPUs then work in turn, not in parallel.
     """
 
     model: str
@@ -128,6 +130,7 @@ class TrainingJob:
     resume: bool = False
     overwrite: bool = False
     seed: int = 0
+    spread: bool = False
 
     def settings(self) -> dict[str, Any]:
         """The job as JSON-ready values (written to ``dq_train.json``)."""
@@ -299,6 +302,9 @@ def run_training(job: TrainingJob) -> Path:
     per_device = per_device_batch(job, world)
     if job.steps < 1:
         raise DQError(f"--steps must be at least 1, got {job.steps}.")
+    if job.spread and world.size > 1:
+        raise DQError(f"--spread places one model over all GPUs in one process; this run has {world.size} processes. "
+                      "Run it without torchrun / accelerate launch, or drop --spread to train a full copy per process.")
     if shards_parameters(job.sft) and not torch.cuda.is_available():
         raise DQError("FSDP / DeepSpeed ZeRO-3 need GPUs: on the CPU the trainer runs plain data parallelism (DDP) and would "
                       "ignore the sharding settings. Leave them out to train with DDP, or run on GPUs.")
@@ -318,13 +324,36 @@ def run_training(job: TrainingJob) -> Path:
               f"{trainer.accelerator.distributed_type.value} over {world.size} process(es)")
         print("training:", stats.report())
     adapter = output / "adapter"
-    if world.is_main:
-        from .export import save_adapter
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        _save_sharded_adapter(trainer, processor, adapter, world)
+    else:
+        if world.is_main:
+            from .export import save_adapter
 
-        save_adapter(trainer.model, adapter, processor=processor)
+            save_adapter(trainer.model, adapter, processor=processor)
+        # DDP keeps a full copy per process: the copies must agree
+        print(f"rank {world.rank} of {world.size}: adapter fingerprint {adapter_fingerprint(trainer.model)}", flush=True)
+    if world.is_main:
         print(f"Adapter written to {adapter}")
-    print(f"rank {world.rank} of {world.size}: adapter fingerprint {adapter_fingerprint(trainer.model)}", flush=True)
     return adapter
+
+
+def _save_sharded_adapter(trainer: Any, processor: Any, adapter: Path, world: World) -> None:
+    """Gather a sharded adapter (every process takes part) into a staging folder, then swap it in atomically (first process)."""
+    from ..files import atomic_directory
+    from .export import ADAPTER
+
+    if trainer.is_fsdp_enabled:  # PEFT's FSDP recipe: gather full weights for the final save
+        trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    gathered = adapter.with_name(".adapter.gathered.tmp")
+    trainer.save_model(os.fspath(gathered))  # collective; only the first process writes
+    if world.is_main:
+        with atomic_directory(adapter, ADAPTER) as staging:
+            for item in gathered.iterdir():
+                shutil.move(os.fspath(item), staging / item.name)
+            if processor is not None:
+                processor.save_pretrained(staging)
+        shutil.rmtree(gathered, ignore_errors=True)
 
 
 def _build_trainer(job: TrainingJob, world: World, config: Any, train: Any, per_device: int, output: Path) -> tuple:
@@ -335,7 +364,7 @@ def _build_trainer(job: TrainingJob, world: World, config: Any, train: Any, per_
     from .lora import add_lora
     from .sft import sft_trainer, shards_parameters
 
-    device_map = {"": world.local_rank} if torch.cuda.is_available() else "cpu"
+    device_map = ("auto" if job.spread else {"": world.local_rank}) if torch.cuda.is_available() else "cpu"
     dtype = default_dtype(device_map)
     plan = None
     if job.quant == "dynamic" and job.plan == "preset":
