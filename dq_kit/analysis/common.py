@@ -174,7 +174,7 @@ def check_fit(processor: Any, config: Any) -> None:
     wanted = {getattr(config, attr) for attr in ("image_token_id", "image_token_index") if isinstance(getattr(config, attr, None), int)}
     if wanted and not wanted & image_token_ids(processor):
         raise AnalysisError(
-            f"The processor's image token is not the model's (image token id {sorted(wanted)[0]}): the processor "
+            f"The processor's image token is not the model's (image token id {min(wanted)}): the processor "
             f"({type(processor).__name__}) does not belong to this {config.model_type!r} model."
         )
 
