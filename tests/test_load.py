@@ -96,6 +96,13 @@ def test_verification_catches_modules_left_16bit(tiny_path):
         dq.verify(model, dq.Plan.uniform(model))
 
 
+def test_verification_catches_4bit_weights_without_their_quantization_state(tiny_path):
+    model, _ = dq.load(tiny_path("llama"), quant="4bit", processor=False)
+    model.model.layers[1].mlp.up_proj.weight.quant_state = None  # what a checkpoint missing its scales leaves
+    with pytest.raises(dq.VerificationError, match=r"1 4-bit module\(s\) without a quantization state.*: model.layers.1.mlp.up_proj"):
+        dq.verify(model, dq.Plan.uniform(model))
+
+
 # ---- bad input ------------------------------------------------------------------------------
 
 

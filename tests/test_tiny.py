@@ -6,15 +6,17 @@ import pytest
 import torch
 import transformers
 
-from dq_kit.synthetic.tiny import FAMILIES, build_tiny_model, save_tiny, tiny_chat_inputs, tiny_config, tiny_image, tiny_processor
+from dq_kit.synthetic.tiny import FAMILIES, TEXT_FAMILIES, build_tiny_model, save_tiny, tiny_chat_inputs, tiny_config, tiny_image, tiny_processor
 
-VLMS = tuple(family for family in FAMILIES if family != "llama")
+VLMS = tuple(family for family in FAMILIES if family not in TEXT_FAMILIES)
 MODEL_CLASS = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "mllama": "MllamaForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "llama": "LlamaForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "gemma3_text": "Gemma3ForCausalLM",
 }
 PROCESSOR_CLASS = {
     "qwen2_vl": "Qwen2VLProcessor",
@@ -35,7 +37,7 @@ def loaded(request, tmp_path_factory):
     """(family, model, processor) loaded back from a save_tiny folder through the Auto classes."""
     family = request.param
     path = save_tiny(family, tmp_path_factory.mktemp(family))
-    if family == "llama":
+    if family in TEXT_FAMILIES:
         model = transformers.AutoModelForCausalLM.from_pretrained(path)
         processor = transformers.AutoTokenizer.from_pretrained(path)
     else:
@@ -65,7 +67,7 @@ def test_auto_classes_load_the_real_architectures(loaded):
     family, model, processor = loaded
     assert type(model).__name__ == MODEL_CLASS[family]
     assert model.dtype == torch.float32
-    if family == "llama":
+    if family in TEXT_FAMILIES:
         assert isinstance(processor, transformers.PreTrainedTokenizerFast)
     else:
         assert type(processor).__name__ == PROCESSOR_CLASS[family]
@@ -79,7 +81,7 @@ def test_forward_has_finite_logits_and_expanded_image_tokens(loaded):
     batch, seq = inputs["input_ids"].shape
     assert logits.shape == (batch, seq, model.config.get_text_config().vocab_size)
     assert torch.isfinite(logits).all()
-    if family != "llama":
+    if family not in TEXT_FAMILIES:
         assert _image_token_count(processor, family, inputs) == _expected_image_tokens(family, inputs) > 0
 
 
@@ -96,7 +98,7 @@ def test_assistant_mask_covers_exactly_the_answer(loaded):
     family, _, processor = loaded
     tokenizer = _tokenizer(processor)
     answer = "A red circle on a blue background."
-    if family == "llama":
+    if family in TEXT_FAMILIES:
         conversation = [
             {"role": "user", "content": "What shape is it?"},
             {"role": "assistant", "content": answer},

@@ -23,7 +23,7 @@ def is_quantized(module: nn.Module) -> bool:
 
 def verify(model: nn.Module, plan: Plan) -> None:
     """Raise :class:`VerificationError` unless the plan's modules are plain Linear layers, every
-    other Linear layer is quantized, and the plan's corrections are exactly the model's
+    other Linear layer is quantized with its quantization state (scales) in place, and the plan's corrections are exactly the model's
     ``dq_correction`` adapter (same modules, same ranks). The message lists every difference.
 
     Example:
@@ -36,7 +36,11 @@ def verify(model: nn.Module, plan: Plan) -> None:
     missing = sorted(expected_16bit - linears.keys())
     wrongly_quantized = sorted(name for name, quantized in linears.items() if quantized and name in expected_16bit)
     wrongly_16bit = sorted(name for name, quantized in linears.items() if not quantized and name not in expected_16bit)
+    modules = base_linears(model)
+    stateless = sorted(name for name, quantized in linears.items()
+                       if quantized and getattr(modules[name].weight, "quant_state", None) is None)
     problems = [
+        (stateless, "4-bit module(s) without a quantization state (their scales were not loaded: the weights are unusable)"),
         (missing, "planned module(s) absent from the model"),
         (wrongly_quantized, "module(s) quantized although the plan keeps them 16-bit"),
         (wrongly_16bit, "module(s) left 16-bit although the plan quantizes them"),

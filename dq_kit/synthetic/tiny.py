@@ -32,7 +32,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from .drawing import PALETTE, draw_shape
 
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama")
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama", "qwen3", "gemma3_text")
+TEXT_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gemma3_text")  # language models: a tokenizer, no images
 
 _VOCAB = 384
 _HIDDEN = 64
@@ -71,6 +72,8 @@ _SPECIALS: dict[str, tuple[str, ...]] = {
     "mllama": _LLAMA_SPECIALS + ("<|image|>", "<|python_tag|>"),  # MllamaProcessor looks up <|python_tag|>
     "llava": ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"),
     "llama": _LLAMA_SPECIALS,
+    "qwen3": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+    "gemma3_text": ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
 }
 # bos / eos / pad token strings per family (Qwen has no bos token, its config uses <|endoftext|>).
 _ROLE_TOKENS: dict[str, dict[str, str | None]] = {
@@ -79,6 +82,8 @@ _ROLE_TOKENS: dict[str, dict[str, str | None]] = {
     "mllama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
     "llava": {"bos": "<s>", "eos": "</s>", "pad": "<pad>"},
     "llama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
+    "qwen3": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"},
+    "gemma3_text": {"bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>"},
 }
 
 _COLOURS = {name: rgb for name, rgb in PALETTE.items() if name != "grey"}
@@ -157,12 +162,35 @@ _PIXTRAL_TEMPLATE = _RENDER.replace("IMAGE", "[IMG]") + (
     "{%- endif -%}"
     "{%- endfor -%}"
 )
+# Gemma: the assistant is "model", a system message goes at the start of the next user turn.
+_GEMMA_BODY = (
+    "{%- set ns = namespace(system='') -%}"
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{%- set ns.system = render(message['content']) + '\\n\\n' -%}"
+    "{%- elif message['role'] == 'assistant' -%}"
+    "{{- '<start_of_turn>model\\n' -}}"
+    "{%- generation -%}{{- render(message['content']) + '<end_of_turn>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- else -%}"
+    "{{- '<start_of_turn>user\\n' + ns.system + render(message['content']) + '<end_of_turn>\\n' -}}{%- set ns.system = '' -%}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<start_of_turn>model\\n' -}}{%- endif -%}"
+)
+
+
+def _text_only(family: str) -> str:
+    return _RENDER.replace("IMAGE", "{{- raise_exception('" + family + " is text-only: no image items') -}}")
+
+
 _CHAT_TEMPLATES: dict[str, str] = {
     "qwen2_vl": _QWEN_TEMPLATE,
     "qwen2_5_vl": _QWEN_TEMPLATE,
     "mllama": _RENDER.replace("IMAGE", "<|image|>") + _LLAMA3_BODY,
     "llava": _PIXTRAL_TEMPLATE,
-    "llama": _RENDER.replace("IMAGE", "{{- raise_exception('llama is text-only: no image items') -}}") + _LLAMA3_BODY,
+    "llama": _text_only("llama") + _LLAMA3_BODY,
+    "qwen3": _text_only("qwen3") + _QWEN_TEMPLATE.removeprefix(_RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")),
+    "gemma3_text": _text_only("gemma3_text") + _GEMMA_BODY,
 }
 
 _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
@@ -171,6 +199,8 @@ _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
     "mllama": transformers.MllamaForConditionalGeneration,
     "llava": transformers.LlavaForConditionalGeneration,
     "llama": transformers.LlamaForCausalLM,
+    "qwen3": transformers.Qwen3ForCausalLM,
+    "gemma3_text": transformers.Gemma3ForCausalLM,
 }
 
 
@@ -308,11 +338,19 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
             vision_feature_layer=-1,
             vision_feature_select_strategy="full",
         )
+    if family == "qwen3":
+        return transformers.Qwen3Config(**text, num_hidden_layers=_TEXT_LAYERS, head_dim=_HIDDEN // _HEADS, tie_word_embeddings=False)
+    if family == "gemma3_text":
+        # Gemma 3: sliding-window and global layers alternate (5:1 in the real models), embeddings tied
+        return transformers.Gemma3TextConfig(
+            **text, num_hidden_layers=_TEXT_LAYERS, head_dim=_HIDDEN // _HEADS, query_pre_attn_scalar=_HIDDEN // _HEADS,
+            sliding_window=64, layer_types=["sliding_attention", "full_attention"],
+        )
     return transformers.LlamaConfig(**text, num_hidden_layers=_TEXT_LAYERS)
 
 
 def tiny_processor(family: str) -> transformers.ProcessorMixin | transformers.PreTrainedTokenizerFast:
-    """Return the family's processor (or, for ``"llama"``, its tokenizer) sized for tiny images.
+    """Return the family's processor (or, for a language model of :data:`TEXT_FAMILIES`, its tokenizer) sized for tiny images.
 
     Example::
 
@@ -323,7 +361,7 @@ def tiny_processor(family: str) -> transformers.ProcessorMixin | transformers.Pr
     _check_family(family)
     tokenizer = _tiny_tokenizer(family)
     template = _CHAT_TEMPLATES[family]
-    if family == "llama":
+    if family in TEXT_FAMILIES:
         return tokenizer
     if family in ("qwen2_vl", "qwen2_5_vl"):
         size = {"shortest_edge": _QWEN_MIN_PIXELS, "longest_edge": _QWEN_MAX_PIXELS}
@@ -468,7 +506,7 @@ def tiny_chat_inputs(
     text: str = "What is in the image?",
     image: PIL.Image.Image | None = None,
 ) -> transformers.BatchFeature:
-    """Encode one user turn (one image plus ``text``; text only for ``"llama"``) for generation.
+    """Encode one user turn (one image plus ``text``; text only for :data:`TEXT_FAMILIES`) for generation.
 
     The turn goes through the chat template with ``add_generation_prompt=True`` and then the
     processor, giving tensors ready for ``model(**inputs)`` or ``model.generate(**inputs)``.
@@ -482,9 +520,9 @@ def tiny_chat_inputs(
         ['aspect_ratio_ids', 'aspect_ratio_mask', 'attention_mask']
     """
     _check_family(family)
-    if family == "llama":
+    if family in TEXT_FAMILIES:
         if image is not None:
-            raise ValueError("family 'llama' is text-only: pass image=None")
+            raise ValueError(f"family {family!r} is text-only: pass image=None")
         messages = [{"role": "user", "content": text}]
         return processor.apply_chat_template(
             messages, add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"

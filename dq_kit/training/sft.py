@@ -195,8 +195,8 @@ def sft_trainer(
         trainer = DQSFTTrainer(
             model=model, args=args, train_dataset=train, eval_dataset=eval, processing_class=processor, callbacks=callbacks
         )
-    except RuntimeError as exc:
-        if "assistant" not in str(exc):
+    except (RuntimeError, ValueError) as exc:  # TRL: RuntimeError for VLM collators, ValueError when it cannot patch a template
+        if "assistant" not in str(exc) and "{% generation %}" not in str(exc):
             raise
         raise DataError(
             "Answer-only loss needs a chat template that marks the assistant's tokens with {% generation %} ... "

@@ -1,0 +1,87 @@
+"""Today's language-model families as first-class families: the whole pipeline on each tiny model.
+
+Load in 16-bit / NF4 / dynamic with verification, analyse whole and layer by layer, plan, LoRA with
+the attention / MLP toggles, answer-only SFT under the family's own chat template, generate, save,
+and reload the saved checkpoint with plain transformers.
+"""
+
+import pytest
+import torch
+from datasets import Dataset
+from transformers import AutoModelForCausalLM
+
+import dq_kit as dq
+from dq_kit.models import registry
+
+TEXT_FAMILIES = ("qwen3", "gemma3_text")
+CALIBRATION = ["A red circle on a blue background.", "What colour is the shape? The shape is green."]
+CHATS = Dataset.from_list([
+    {"messages": [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": answer}]}
+    for answer in ("Red.", "Blue.", "Green.", "Red.")
+])
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_family_has_its_own_registry_entry_and_preset(family):
+    model = dq.tiny.build_tiny_model(family)
+    entry = registry.family_of(model.config)
+    assert entry.name == family and entry.kind == "causal_lm"
+    keep = dq.Plan.preset(model).keep
+    assert keep and all(name.endswith("mlp.down_proj") for name in keep)
+    groups = {info.group for info in registry.linear_modules(model)}
+    assert {"language_attention", "language_mlp"} <= groups
+    assert {info.layer for info in registry.linear_modules(model) if info.tower == "language"} == {0, 1}
+
+
+@pytest.mark.parametrize("family", TEXT_FAMILIES)
+def test_full_pipeline(family, tiny_path, tmp_path):
+    path = tiny_path(family)
+    m16, tokenizer = dq.load(path, quant="16bit")
+    for quant in ("4bit", "dynamic"):
+        model, _ = dq.load(path, quant=quant, processor=False)  # verified against its plan on load
+        assert model.dq_plan is not None
+
+    whole = dq.analyze(m16, tokenizer, CALIBRATION, progress=False)
+    sequential = dq.analyze(path, tokenizer, CALIBRATION, sequential=True, progress=False)
+    columns = ["weight_rel_error", "act_local_error", "sensitivity"]
+    assert (whole.table[columns] - sequential.table[columns]).abs().max().max() < 1e-4
+    plan = dq.plan(whole, budget=0.2)
+    assert plan.keep
+
+    model, _ = dq.load(path, quant="dynamic", plan=plan)
+    attention_only = dq.add_lora(model, r=4, mlp=False)
+    targeted = {name.rsplit(".", 1)[-1] for name, module in attention_only.named_modules() if hasattr(module, "lora_A")}
+    assert targeted and targeted <= {"q_proj", "k_proj", "v_proj", "o_proj"}
+
+    model, _ = dq.load(path, quant="dynamic", plan=plan)
+    peft_model = dq.add_lora(model, r=4, attention=False)
+    trainer = dq.sft_trainer(peft_model, tokenizer, CHATS, output_dir=str(tmp_path / "run"), max_steps=2,
+                             per_device_train_batch_size=2, disable_tqdm=True, activation_checkpointing=False)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    trained = batch["labels"][0] != -100
+    assert tokenizer.decode(batch["input_ids"][0][trained]) == "Red." + tokenizer.eos_token  # the answer under the family's template
+    assert trainer.train().global_step == 2
+    assert isinstance(dq.generate(peft_model, tokenizer, None, "What colour is the circle?", max_new_tokens=3), str)
+
+    final = dq.requantize(dq.merge_to_16bit(peft_model))
+    saved = dq.save(final, tmp_path / "checkpoint", processor=tokenizer)
+    plain = AutoModelForCausalLM.from_pretrained(saved)  # no dq_kit involved in the reload
+    ids = tokenizer("A red circle", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(plain(ids).logits, final(ids).logits, atol=1e-5)
+
+
+def test_a_chat_template_without_generation_markers_is_a_clear_error(tiny_path, tmp_path):
+    model, tokenizer = dq.load(tiny_path("qwen3"), quant="dynamic")
+    tokenizer.chat_template = ("{%- for message in messages -%}{{- '<|im_start|>' + message['role'] + '\\n' + message['content'] "
+                               "+ '<|im_end|>\\n' -}}{%- endfor -%}")
+    with pytest.raises(dq.DataError, match=r"no such marker.*responses_only=False"):
+        dq.sft_trainer(dq.add_lora(model, r=2), tokenizer, CHATS, output_dir=str(tmp_path), max_steps=1)
+
+
+def test_shipped_configs_of_the_text_families_plan_offline():
+    for hub_id, family in (("Qwen/Qwen3-4B", "qwen3"), ("google/gemma-3-270m-it", "gemma3_text")):
+        assert registry.family_of(dq.modeling.resolve_config(hub_id)).name == family
+        estimate = dq.estimate_memory(hub_id)
+        assert estimate.plan_source == "preset" and estimate.kept_modules == 3
+        assert estimate.bytes_16bit > estimate.bytes_plan > estimate.bytes_4bit
