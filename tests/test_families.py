@@ -1,4 +1,4 @@
-"""Today's language-model families as first-class families: the whole pipeline on each tiny model.
+"""Today's families as first-class families: the whole pipeline on each tiny model.
 
 Load in 16-bit / NF4 / dynamic with verification, analyse whole and layer by layer, plan, LoRA with
 the attention / MLP toggles, answer-only SFT under the family's own chat template, generate, save,
@@ -8,12 +8,13 @@ and reload the saved checkpoint with plain transformers.
 import pytest
 import torch
 from datasets import Dataset
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
 
 import dq_kit as dq
 from dq_kit.models import registry
 
 TEXT_FAMILIES = ("qwen3", "gemma3_text")
+VLM_FAMILIES = ("qwen3_vl", "gemma3")
 CALIBRATION = ["A red circle on a blue background.", "What colour is the shape? The shape is green."]
 CHATS = Dataset.from_list([
     {"messages": [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": answer}]}
@@ -85,3 +86,55 @@ def test_shipped_configs_of_the_text_families_plan_offline():
         estimate = dq.estimate_memory(hub_id)
         assert estimate.plan_source == "preset" and estimate.kept_modules == 3
         assert estimate.bytes_16bit > estimate.bytes_plan > estimate.bytes_4bit
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vlm_family_has_its_own_registry_entry_and_groups(family):
+    model = dq.tiny.build_tiny_model(family)
+    assert registry.family_of(model.config).name == family
+    infos = registry.linear_modules(model)
+    towers = {info.tower for info in infos}
+    assert {"vision", "language", "head"} <= towers
+    keep = dq.Plan.preset(model).keep
+    assert keep and all(registry.classify(name)[0] in ("language", "projector") for name in keep)
+
+
+@pytest.mark.parametrize("family", VLM_FAMILIES)
+def test_vlm_full_pipeline(family, tiny_path, tmp_path):
+    path = tiny_path(family)
+    shapes = dq.data.shapes_dataset(6, seed=2, task="colour", test_size=None)
+    calibration = [{"messages": row["messages"], "images": row["images"]} for row in shapes.select(range(3))]
+    m16, processor = dq.load(path, quant="16bit")
+    for quant in ("4bit", "dynamic"):
+        model, _ = dq.load(path, quant=quant, processor=False)
+        assert model.dq_plan is not None
+
+    whole = dq.analyze(m16, processor, calibration, progress=False)
+    sequential = dq.analyze(path, processor, calibration, sequential=True, progress=False)
+    columns = ["weight_rel_error", "act_local_error", "sensitivity"]
+    assert (whole.table[columns] - sequential.table[columns]).abs().max().max() < 1e-4
+    assert (whole.table.loc[whole.table["tower"] == "vision", "sensitivity"] > 0).any()  # images reached the vision tower
+    plan = dq.plan(whole, budget=0.2)
+
+    model, _ = dq.load(path, quant="dynamic", plan=plan)
+    language_only = dq.add_lora(model, r=4, vision=False)
+    adapted = [name for name, module in language_only.named_modules() if hasattr(module, "lora_A")]
+    assert adapted and all(registry.classify(name.removeprefix("base_model.model."))[0] == "language" for name in adapted)
+
+    model, _ = dq.load(path, quant="dynamic", plan=plan)
+    peft_model = dq.add_lora(model, r=4, vision=True)
+    trainer = dq.sft_trainer(peft_model, processor, shapes, output_dir=str(tmp_path / "run"), max_steps=2,
+                             per_device_train_batch_size=2, disable_tqdm=True, activation_checkpointing=False)
+    batch = trainer.data_collator([shapes[0]])
+    trained = batch["labels"][0] != -100
+    tokenizer = processor.tokenizer
+    assert tokenizer.decode(batch["input_ids"][0][trained]) == shapes[0]["answer"] + tokenizer.eos_token
+    assert trainer.train().global_step == 2
+    assert isinstance(dq.generate(peft_model, processor, shapes[1]["images"][0], "What colour is the shape?", max_new_tokens=3), str)
+
+    final = dq.requantize(dq.merge_to_16bit(peft_model))
+    saved = dq.save(final, tmp_path / "checkpoint", processor=processor)
+    plain = AutoModelForImageTextToText.from_pretrained(saved)  # no dq_kit involved in the reload
+    inputs = dq.tiny.tiny_chat_inputs(AutoProcessor.from_pretrained(saved), family)
+    with torch.no_grad():
+        assert torch.allclose(plain(**inputs).logits, final(**inputs).logits, atol=1e-5)

@@ -168,6 +168,9 @@ class _Weights:
 # --------------------------------------------------------------------------------------------
 
 
+_INJECTED = "_dq_injected"  # the recorded call's key for what the forward added before this layer
+
+
 class _Stop(Exception):
     """Raised by the final norm once every decoder layer call is recorded."""
 
@@ -180,9 +183,16 @@ class _Trace:
     calls: dict[int, tuple[list[Any], Any]]  # layer index -> (flat args/kwargs, pytree spec)
     leaves: list[torch.Tensor] = field(default_factory=list)  # the arguments that depend on front weights
 
-    def arguments(self, index: int) -> tuple[tuple, dict]:
+    def inputs(self, index: int, hidden: torch.Tensor) -> tuple[torch.Tensor, tuple, dict]:
+        """Layer ``index``'s hidden-state input given the previous layer's output, and its other arguments.
+
+        What the model's forward adds to the hidden states between two layers (Qwen3-VL's DeepStack
+        visual features after the first language layers) is recorded with the call and added here.
+        """
         flat, spec = self.calls[index]
-        return tree_unflatten(flat, spec)
+        args, kwargs = tree_unflatten(flat, spec)
+        injected = kwargs.pop(_INJECTED, None)
+        return (hidden if injected is None else hidden + injected), args, kwargs
 
 
 @contextlib.contextmanager
@@ -225,7 +235,11 @@ def _record(layout: _Layout, inputs: dict[str, Any], index: int, grad: bool) -> 
         raise AnalysisError("sequential mode expects the decoder layers to take and return hidden states of one shape.")
     trace = _Trace(hidden=first, calls={})
     seen: set[int] = set()
-    for layer, _, args, kwargs in calls:
+    previous = first
+    for layer, hidden, args, kwargs in calls:
+        if hidden is not previous:  # the layers are recorders returning their input: anything else was added in between
+            kwargs = {**kwargs, _INJECTED: hidden - previous}
+            previous = hidden
         flat, spec = tree_flatten((args, kwargs))
         for value in flat:
             if isinstance(value, torch.Tensor) and value.requires_grad and id(value) not in seen:
@@ -421,8 +435,8 @@ class _Run:
         with torch.no_grad(), InputMoments(linears) as moments:
             for index, trace in enumerate(traces16):
                 if position in trace.calls:
-                    args, kwargs = trace.arguments(position)
-                    layer(h16[index], *args, **kwargs)
+                    hidden, args, kwargs = trace.inputs(position, h16[index])
+                    layer(hidden, *args, **kwargs)
         factors, notes = fit_from_moments(moments, delta, self.ranks)
         self.factors.update({f"{layer_name}.{name}": value for name, value in factors.items()})
         for name, lines in notes.items():
@@ -450,12 +464,12 @@ class _Run:
                                 continue  # the model skips this layer for this sample (Mllama cross-attention, text only)
                             probe.new_sample()
                             probe.mode = self._mode("reference")
-                            args, kwargs = traces16[index].arguments(position)
-                            h16[index] = first_tensor(layer(h16[index], *args, **kwargs))
+                            hidden, args, kwargs = traces16[index].inputs(position, h16[index])
+                            h16[index] = first_tensor(layer(hidden, *args, **kwargs))
                             probe.mode = self._mode("quantized")
-                            args, kwargs = tracesq[index].arguments(position)
+                            hidden, args, kwargs = tracesq[index].inputs(position, hq[index])
                             with swapped(layer, relative):
-                                hq[index] = first_tensor(layer(hq[index], *args, **kwargs))
+                                hq[index] = first_tensor(layer(hidden, *args, **kwargs))
                     results = probe.results()
                     self.module_acts.update({f"{layer_name}.{name}": values for name, values in results["modules"].items()})
                     if self.local and relative:
@@ -512,9 +526,9 @@ class _Run:
                 for index in range(len(samples)):
                     if position not in traces16[index].calls:
                         continue
-                    args, kwargs = traces16[index].arguments(position)
                     x = saved_inputs[position][index].detach().requires_grad_(True)
-                    first_tensor(layer(x, *args, **kwargs)).backward(grads[index])
+                    hidden, args, kwargs = traces16[index].inputs(position, x)
+                    first_tensor(layer(hidden, *args, **kwargs)).backward(grads[index])
                     fisher.accumulate()
                     grads[index] = x.grad
                 self.scores.update({f"{names[position]}.{name}": value for name, value in fisher.scores(self.kl["num_tokens"]).items()})

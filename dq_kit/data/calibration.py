@@ -192,8 +192,10 @@ def image_token_ids(processor: Any = None, config: Any = None) -> set[int]:
             ids.add(value)
     if processor is not None and has_image_processor(processor):
         tokenizer = tokenizer_of(processor)
-        for attr in ("image_token", "image_break_token", "image_end_token", "video_token"):
-            token = getattr(processor, attr, None)
+        markers = ("image_token", "image_break_token", "image_end_token", "video_token", "boi_token", "eoi_token")
+        # Gemma 3's processor names its begin-of-image marker "image_token"; the soft tokens are the tokenizer's
+        tokens = [getattr(owner, attr, None) for owner in (processor, tokenizer) for attr in markers]
+        for token in tokens:
             if isinstance(token, str):
                 token_id = tokenizer.convert_tokens_to_ids(token)
                 if isinstance(token_id, int) and token_id != getattr(tokenizer, "unk_token_id", None):

@@ -35,7 +35,7 @@ GROUPS = (
 )
 
 _VISION_MARKERS = ("visual.", "vision_model.", "vision_tower.", "vision_encoder.")
-_PROJECTOR_MARKERS = ("multi_modal_projector", "visual.merger")
+_PROJECTOR_MARKERS = ("multi_modal_projector", "visual.merger", "visual.deepstack_merger")
 _ATTENTION_MARKERS = ("attn", "attention")
 _BLOCK = re.compile(r"^(.*?\.(?:blocks|layers|layer|h)\.\d+)\.")
 
@@ -198,6 +198,24 @@ FAMILIES: dict[str, Family] = {
             "vlm",
             _qwen_vl_preset,
             "Same rule as Qwen2-VL: the vision merger and language layers 0-1 stay 16-bit.",
+        ),
+        Family(
+            "qwen3_vl",
+            ("qwen3_vl",),
+            "vlm",
+            _qwen_vl_preset,
+            "The Qwen2-VL rule carried over: the vision merger and the DeepStack mergers (projector) and language "
+            "layers 0-1 stay 16-bit. Not from a published upload and not measured on a trained Qwen3-VL: make a "
+            "model-specific plan with dq.analyze + dq.plan.",
+        ),
+        Family(
+            "gemma3",
+            ("gemma3",),
+            "vlm",
+            _qwen_vl_preset,
+            "Language layers 0-1 stay 16-bit (Gemma 3's projector is a plain weight matrix, not a Linear, and is "
+            "never quantized). Not from a published upload and not measured on a trained Gemma 3: make a "
+            "model-specific plan with dq.analyze + dq.plan.",
         ),
         Family(
             "mllama",

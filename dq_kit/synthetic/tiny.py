@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from .drawing import PALETTE, draw_shape
 
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "mllama", "llava", "llama", "qwen3", "gemma3_text")
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "mllama", "llava", "llama", "qwen3", "gemma3_text")
 TEXT_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gemma3_text")  # language models: a tokenizer, no images
 
 _VOCAB = 384
@@ -45,6 +45,8 @@ _VISION_LAYERS = 2
 _QWEN_PATCH = 14  # Qwen: 14 px patches, 2x2 spatial merge, 2-frame temporal patches
 _QWEN_MIN_PIXELS = 56 * 56  # a 56x56 image -> 4x4 patches -> 4 image tokens
 _QWEN_MAX_PIXELS = 112 * 112  # at most 16 image tokens
+_QWEN3_PATCH = 16  # Qwen3-VL: a 56x56 image -> 64x64 -> 4x4 patches -> 4 image tokens
+_GEMMA_IMAGE, _GEMMA_IMAGE_TOKENS = 64, 4
 _MLLAMA_TILE = 28  # vision image_size == image processor tile size; a 56 px image is 2x2 tiles
 _PIXTRAL_PATCH = 16
 _PIXTRAL_IMAGE = 64  # longest edge; a 56 px image -> 4x4 patches -> 16 [IMG] + 4 break/end tokens
@@ -66,24 +68,29 @@ _LLAMA_SPECIALS = (
     "<|eot_id|>",
     "<|finetune_right_pad_id|>",
 )
+_GEMMA_SPECIALS = ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>")
 _SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen2_vl": _QWEN_SPECIALS,
     "qwen2_5_vl": _QWEN_SPECIALS,
+    "qwen3_vl": _QWEN_SPECIALS,
     "mllama": _LLAMA_SPECIALS + ("<|image|>", "<|python_tag|>"),  # MllamaProcessor looks up <|python_tag|>
     "llava": ("<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<pad>", "[IMG]", "[IMG_BREAK]", "[IMG_END]"),
     "llama": _LLAMA_SPECIALS,
     "qwen3": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-    "gemma3_text": ("<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"),
+    "gemma3_text": _GEMMA_SPECIALS,
+    "gemma3": _GEMMA_SPECIALS + ("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
 }
 # bos / eos / pad token strings per family (Qwen has no bos token, its config uses <|endoftext|>).
 _ROLE_TOKENS: dict[str, dict[str, str | None]] = {
     "qwen2_vl": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"},
     "qwen2_5_vl": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"},
+    "qwen3_vl": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"},
     "mllama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
     "llava": {"bos": "<s>", "eos": "</s>", "pad": "<pad>"},
     "llama": {"bos": "<|begin_of_text|>", "eos": "<|eot_id|>", "pad": "<|finetune_right_pad_id|>"},
     "qwen3": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"},
     "gemma3_text": {"bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>"},
+    "gemma3": {"bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>"},
 }
 
 _COLOURS = {name: rgb for name, rgb in PALETTE.items() if name != "grey"}
@@ -186,16 +193,20 @@ def _text_only(family: str) -> str:
 _CHAT_TEMPLATES: dict[str, str] = {
     "qwen2_vl": _QWEN_TEMPLATE,
     "qwen2_5_vl": _QWEN_TEMPLATE,
+    "qwen3_vl": _QWEN_TEMPLATE,
     "mllama": _RENDER.replace("IMAGE", "<|image|>") + _LLAMA3_BODY,
     "llava": _PIXTRAL_TEMPLATE,
     "llama": _text_only("llama") + _LLAMA3_BODY,
     "qwen3": _text_only("qwen3") + _QWEN_TEMPLATE.removeprefix(_RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")),
     "gemma3_text": _text_only("gemma3_text") + _GEMMA_BODY,
+    "gemma3": _RENDER.replace("IMAGE", "<start_of_image>") + _GEMMA_BODY,
 }
 
 _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
     "qwen2_vl": transformers.Qwen2VLForConditionalGeneration,
     "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
+    "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
+    "gemma3": transformers.Gemma3ForConditionalGeneration,
     "mllama": transformers.MllamaForConditionalGeneration,
     "llava": transformers.LlavaForConditionalGeneration,
     "llama": transformers.LlamaForCausalLM,
@@ -232,6 +243,9 @@ def _tiny_tokenizer(family: str) -> transformers.PreTrainedTokenizerFast:
         eos_token=roles["eos"],
         pad_token=roles["pad"],
         unk_token="<unk>" if family == "llava" else None,
+        # Gemma 3's processor reads its image markers from the tokenizer
+        extra_special_tokens={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+        if family == "gemma3" else None,
         model_max_length=_MAX_POSITIONS,
         chat_template=_CHAT_TEMPLATES[family],
     )
@@ -304,6 +318,33 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
             vision_start_token_id=ids["<|vision_start|>"],
             vision_end_token_id=ids["<|vision_end|>"],
         )
+    if family == "qwen3_vl":
+        # Qwen3-VL: 16 px patches, interleaved mrope, DeepStack (vision layer 0 also feeds the language model)
+        return transformers.Qwen3VLConfig(
+            text_config={**text, "num_hidden_layers": _TEXT_LAYERS, "head_dim": _HIDDEN // _HEADS,
+                         "rope_parameters": {"rope_type": "default", "rope_theta": 5000000.0, "mrope_section": [2, 3, 3],
+                                             "mrope_interleaved": True}},
+            vision_config={"depth": _VISION_LAYERS, "hidden_size": _HIDDEN, "intermediate_size": _INTERMEDIATE, "num_heads": _HEADS,
+                           "patch_size": _QWEN3_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2, "out_hidden_size": _HIDDEN,
+                           "num_position_embeddings": 64, "deepstack_visual_indexes": [0]},
+            image_token_id=ids["<|image_pad|>"],
+            video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"],
+            vision_end_token_id=ids["<|vision_end|>"],
+            tie_word_embeddings=False,
+        )
+    if family == "gemma3":
+        # Gemma 3 with vision: a SigLIP tower (64 px images, 16 px patches), pooled to 2x2 = 4 soft tokens per image
+        return transformers.Gemma3Config(
+            text_config={**text, "num_hidden_layers": _TEXT_LAYERS, "head_dim": _HIDDEN // _HEADS, "query_pre_attn_scalar": _HIDDEN // _HEADS,
+                         "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]},
+            vision_config={"hidden_size": _HIDDEN, "intermediate_size": _INTERMEDIATE, "num_hidden_layers": _VISION_LAYERS,
+                           "num_attention_heads": _HEADS, "image_size": _GEMMA_IMAGE, "patch_size": 16, "vision_use_head": False},
+            mm_tokens_per_image=_GEMMA_IMAGE_TOKENS,
+            boi_token_index=ids["<start_of_image>"],
+            eoi_token_index=ids["<end_of_image>"],
+            image_token_index=ids["<image_soft_token>"],
+        )
     if family == "mllama":
         return transformers.MllamaConfig(
             text_config={**text, "num_hidden_layers": 4, "cross_attention_layers": [1, 3]},
@@ -373,6 +414,22 @@ def tiny_processor(family: str) -> transformers.ProcessorMixin | transformers.Pr
             tokenizer=tokenizer,
             chat_template=template,
         )
+    if family == "qwen3_vl":
+        size = {"shortest_edge": 64 * 64, "longest_edge": 128 * 128}
+        patches = {"patch_size": _QWEN3_PATCH, "temporal_patch_size": 2, "merge_size": 2}
+        return transformers.Qwen3VLProcessor(
+            image_processor=transformers.Qwen2VLImageProcessor(size=size, **patches),
+            video_processor=transformers.Qwen3VLVideoProcessor(size=size, **patches),
+            tokenizer=tokenizer,
+            chat_template=template,
+        )
+    if family == "gemma3":
+        return transformers.Gemma3Processor(
+            image_processor=transformers.Gemma3ImageProcessor(size={"height": _GEMMA_IMAGE, "width": _GEMMA_IMAGE}),
+            tokenizer=tokenizer,
+            chat_template=template,
+            image_seq_length=_GEMMA_IMAGE_TOKENS,
+        )
     if family == "mllama":
         return transformers.MllamaProcessor(
             image_processor=transformers.MllamaImageProcessor(
@@ -407,6 +464,8 @@ def build_tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = _MODEL_CLASSES[family](config)
+        if family == "gemma3":  # its projection starts at zero (images would add nothing): draw it like the other weights
+            torch.nn.init.normal_(model.model.multi_modal_projector.mm_input_projection_weight, std=config.text_config.initializer_range)
     return model.to(torch.float32).eval()
 
 
