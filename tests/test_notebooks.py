@@ -156,6 +156,16 @@ def test_finetune_qwen2_vl_runs_headless(tiny_path, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "merged-dynamic" / "dq_plan.json").is_file()
 
 
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3"])
+def test_finetune_notebook_runs_on_todays_families(tiny_path, tmp_path, monkeypatch, family):
+    env = {"DQ_NOTEBOOK_MODEL": str(tiny_path(family)), **TINY_TRAINING}
+    outputs, printed = execute("02_finetune_qwen2_vl.ipynb", tmp_path, monkeypatch, env)
+    assert "2 steps, mean training loss" in printed
+    for label in ("before training", "after training", "merged + re-quantized"):
+        percentages(printed, label)
+    assert (tmp_path / "out" / "merged-dynamic" / "dq_plan.json").is_file()
+
+
 def test_finetune_llama32_vision_runs_headless_on_a_hub_style_dataset(tiny_path, tmp_path, monkeypatch):
     """Tiny Mllama, trained on a local parquet dataset with its own column names (the DATASET + COLUMNS path)."""
     from datasets import Dataset, Image

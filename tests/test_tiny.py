@@ -12,6 +12,8 @@ VLMS = tuple(family for family in FAMILIES if family not in TEXT_FAMILIES)
 MODEL_CLASS = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "gemma3": "Gemma3ForConditionalGeneration",
     "mllama": "MllamaForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "llama": "LlamaForCausalLM",
@@ -21,12 +23,16 @@ MODEL_CLASS = {
 PROCESSOR_CLASS = {
     "qwen2_vl": "Qwen2VLProcessor",
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
+    "qwen3_vl": "Qwen3VLProcessor",
+    "gemma3": "Gemma3Processor",
     "mllama": "MllamaProcessor",
     "llava": "PixtralProcessor",
 }
 IMAGE_TOKEN = {
     "qwen2_vl": "<|image_pad|>",
     "qwen2_5_vl": "<|image_pad|>",
+    "qwen3_vl": "<|image_pad|>",
+    "gemma3": "<image_soft_token>",
     "mllama": "<|image|>",
     "llava": "[IMG]",
 }
@@ -55,8 +61,10 @@ def _image_token_count(processor, family, inputs):
 
 
 def _expected_image_tokens(family, inputs):
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return int(inputs["image_grid_thw"].prod()) // 4  # 2x2 spatial merge
+    if family == "gemma3":
+        return 4  # the vision tower's 4x4 patches pooled to 2x2 soft tokens
     if family == "llava":
         height, width = inputs["image_sizes"][0].tolist()
         return (height // 16) * (width // 16)  # [IMG] per 16 px patch, plus break/end tokens
@@ -146,7 +154,7 @@ def test_config_ids_match_the_tokenizer(family):
         assert text_config.bos_token_id == tokenizer.bos_token_id
     if family in VLMS:
         assert config.image_token_id == tokenizer.convert_tokens_to_ids(IMAGE_TOKEN[family])
-    if family in ("qwen2_vl", "qwen2_5_vl"):
+    if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         assert config.vision_start_token_id == tokenizer.convert_tokens_to_ids("<|vision_start|>")
         assert config.video_token_id == tokenizer.convert_tokens_to_ids("<|video_pad|>")
 
