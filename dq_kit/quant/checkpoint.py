@@ -34,7 +34,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..errors import DQError, PlanError, UnsupportedModelError
 from ..files import Output, atomic_directory, atomic_write_text, read_json, write_json
 from ..models import registry
-from ..models.resolution import meta_model
+from ..models.resolution import checkpoint_renamer, live_module_name, meta_model
 from ..units import human_bytes
 from .corrections import (
     ADAPTER_NAME,
@@ -295,7 +295,14 @@ def plan_from_checkpoint(
         plan = Plan.uniform(skeleton)
     else:
         names = [info.name for info in registry.linear_modules(skeleton)]
-        usable = [p for p in patterns if any(p in name or matches_skip_pattern(p, name) for name in names)]
+
+        def matches(pattern: str) -> bool:
+            return any(pattern in name or matches_skip_pattern(pattern, name) for name in names)
+
+        # published skip lists name modules as the checkpoint stores them: translate those to the live names
+        rename = checkpoint_renamer(skeleton)
+        patterns = [pattern if matches(pattern) else live_module_name(rename, pattern) for pattern in patterns]
+        usable = [p for p in patterns if matches(p)]
         if len(usable) < len(patterns):
             warnings.warn(
                 f"The checkpoint's skip list names {sorted(set(patterns) - set(usable))!r}, which match no Linear module of "

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import PlanError
 from ..files import Output, read_json, save_json
 from ..models import registry
-from ..models.resolution import default_dtype, meta_model, resolve_config
+from ..models.resolution import checkpoint_renamer, default_dtype, live_module_name, meta_model, resolve_config
 
 PLAN_FORMAT = "dq_kit.plan"
 PLAN_VERSION = 2  # 2: per-module correction ranks (version-1 plans have none and still load)
@@ -129,8 +129,9 @@ class Plan:
         A pattern selects a Linear module when it matches the way transformers 5 does (a regex
         from the start of the full name up to a module boundary, or a suffix) or the way
         transformers 4 did (a plain substring), so skip lists copied from published checkpoints
-        keep their meaning. Patterns that only match as substrings trigger a warning; a pattern
-        that matches nothing is an error.
+        keep their meaning. A name as the checkpoint writes it (``language_model.model.layers.3``)
+        is translated to the live model's name through transformers' key mapping. Patterns that
+        only match as substrings trigger a warning; a pattern that matches nothing is an error.
 
         Example:
             >>> import dq_kit as dq
@@ -144,9 +145,14 @@ class Plan:
         heads = set(registry.output_head_names(model))
         selected: set[str] = set()
         unmatched, legacy_only = [], []
+        rename = None
         for pattern in patterns:
             modern = {name for name in names if matches_skip_pattern(pattern, name)}
             legacy = {name for name in names if pattern in name}
+            if not modern | legacy:  # a checkpoint's name for the module ("language_model.model.layers.3")?
+                rename = rename or checkpoint_renamer(model)
+                live = live_module_name(rename, pattern)
+                modern = {name for name in names if live != pattern and matches_skip_pattern(live, name)}
             if not modern | legacy:
                 unmatched.append(pattern)
             elif legacy - modern:

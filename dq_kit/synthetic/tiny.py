@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from .drawing import PALETTE, draw_shape
 
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "mllama", "llava", "llama", "qwen3", "gemma3_text")
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "mllama", "llava", "llama", "qwen3", "gemma3_text")
 TEXT_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gemma3_text")  # language models: a tokenizer, no images
 
 _VOCAB = 384
@@ -47,6 +47,7 @@ _QWEN_MIN_PIXELS = 56 * 56  # a 56x56 image -> 4x4 patches -> 4 image tokens
 _QWEN_MAX_PIXELS = 112 * 112  # at most 16 image tokens
 _QWEN3_PATCH = 16  # Qwen3-VL: a 56x56 image -> 64x64 -> 4x4 patches -> 4 image tokens
 _GEMMA_IMAGE, _GEMMA_IMAGE_TOKENS = 64, 4
+_SMOLVLM_IMAGE = 64  # one 64 px image, no splitting: 4x4 patches -> 4 <image> tokens
 _MLLAMA_TILE = 28  # vision image_size == image processor tile size; a 56 px image is 2x2 tiles
 _PIXTRAL_PATCH = 16
 _PIXTRAL_IMAGE = 64  # longest edge; a 56 px image -> 4x4 patches -> 16 [IMG] + 4 break/end tokens
@@ -79,6 +80,7 @@ _SPECIALS: dict[str, tuple[str, ...]] = {
     "qwen3": ("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
     "gemma3_text": _GEMMA_SPECIALS,
     "gemma3": _GEMMA_SPECIALS + ("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
+    "smolvlm": ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"),
 }
 # bos / eos / pad token strings per family (Qwen has no bos token, its config uses <|endoftext|>).
 _ROLE_TOKENS: dict[str, dict[str, str | None]] = {
@@ -91,6 +93,7 @@ _ROLE_TOKENS: dict[str, dict[str, str | None]] = {
     "qwen3": {"bos": None, "eos": "<|im_end|>", "pad": "<|endoftext|>"},
     "gemma3_text": {"bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>"},
     "gemma3": {"bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>"},
+    "smolvlm": {"bos": "<|im_start|>", "eos": "<end_of_utterance>", "pad": "<|endoftext|>"},
 }
 
 _COLOURS = {name: rgb for name, rgb in PALETTE.items() if name != "grey"}
@@ -186,6 +189,20 @@ _GEMMA_BODY = (
 )
 
 
+# SmolVLM: "<|im_start|>User:<image>question<end_of_utterance>\nAssistant: answer<end_of_utterance>\n"
+_SMOLVLM_BODY = (
+    "{{- bos_token -}}"
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'assistant' -%}"
+    "{{- 'Assistant:' -}}{%- generation -%}{{- ' ' + render(message['content']) + '<end_of_utterance>' -}}{%- endgeneration -%}"
+    "{{- '\\n' -}}"
+    "{%- else -%}{{- message['role'] | capitalize + ':' + render(message['content']) + '<end_of_utterance>\\n' -}}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- 'Assistant:' -}}{%- endif -%}"
+)
+
+
 def _text_only(family: str) -> str:
     return _RENDER.replace("IMAGE", "{{- raise_exception('" + family + " is text-only: no image items') -}}")
 
@@ -200,6 +217,7 @@ _CHAT_TEMPLATES: dict[str, str] = {
     "qwen3": _text_only("qwen3") + _QWEN_TEMPLATE.removeprefix(_RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")),
     "gemma3_text": _text_only("gemma3_text") + _GEMMA_BODY,
     "gemma3": _RENDER.replace("IMAGE", "<start_of_image>") + _GEMMA_BODY,
+    "smolvlm": _RENDER.replace("IMAGE", "<image>") + _SMOLVLM_BODY,
 }
 
 _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
@@ -207,6 +225,7 @@ _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
     "qwen2_5_vl": transformers.Qwen2_5_VLForConditionalGeneration,
     "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
     "gemma3": transformers.Gemma3ForConditionalGeneration,
+    "smolvlm": transformers.SmolVLMForConditionalGeneration,
     "mllama": transformers.MllamaForConditionalGeneration,
     "llava": transformers.LlavaForConditionalGeneration,
     "llama": transformers.LlamaForCausalLM,
@@ -345,6 +364,16 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
             eoi_token_index=ids["<end_of_image>"],
             image_token_index=ids["<image_soft_token>"],
         )
+    if family == "smolvlm":
+        # SmolVLM (Idefics3 layout): SigLIP tower, pixel-shuffle connector (scale 2: 4x4 patches -> 4 tokens), Llama text model
+        return transformers.SmolVLMConfig(
+            vision_config={"hidden_size": _HIDDEN, "intermediate_size": _INTERMEDIATE, "num_hidden_layers": _VISION_LAYERS,
+                           "num_attention_heads": _HEADS, "image_size": _SMOLVLM_IMAGE, "patch_size": 16},
+            text_config={**text, "model_type": "llama", "num_hidden_layers": _TEXT_LAYERS},
+            scale_factor=2,
+            image_token_id=ids["<image>"],
+            tie_word_embeddings=False,
+        )
     if family == "mllama":
         return transformers.MllamaConfig(
             text_config={**text, "num_hidden_layers": 4, "cross_attention_layers": [1, 3]},
@@ -429,6 +458,15 @@ def tiny_processor(family: str) -> transformers.ProcessorMixin | transformers.Pr
             tokenizer=tokenizer,
             chat_template=template,
             image_seq_length=_GEMMA_IMAGE_TOKENS,
+        )
+    if family == "smolvlm":
+        size = {"longest_edge": _SMOLVLM_IMAGE}
+        return transformers.SmolVLMProcessor(
+            image_processor=transformers.SmolVLMImageProcessor(size=size, max_image_size=size, do_image_splitting=False),
+            video_processor=transformers.SmolVLMVideoProcessor(size=size, max_image_size=size),
+            tokenizer=tokenizer,
+            image_seq_len=4,
+            chat_template=template,
         )
     if family == "mllama":
         return transformers.MllamaProcessor(
