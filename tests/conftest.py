@@ -11,7 +11,7 @@ import pytest
 
 import dq_kit as dq
 
-VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "mllama", "llava")
+VLM_FAMILIES = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "lfm2_vl", "mllama", "llava")
 
 
 @pytest.fixture(scope="session")

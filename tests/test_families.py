@@ -14,7 +14,7 @@ import dq_kit as dq
 from dq_kit.models import registry
 
 TEXT_FAMILIES = ("qwen3", "gemma3_text")
-VLM_FAMILIES = ("qwen3_vl", "gemma3", "smolvlm")
+VLM_FAMILIES = ("qwen3_vl", "gemma3", "smolvlm", "lfm2_vl")
 CALIBRATION = ["A red circle on a blue background.", "What colour is the shape? The shape is green."]
 CHATS = Dataset.from_list([
     {"messages": [{"role": "user", "content": "What colour is the circle?"}, {"role": "assistant", "content": answer}]}
@@ -161,4 +161,18 @@ def test_a_skip_list_in_checkpoint_names_keeps_exactly_the_intended_modules(fami
     config.quantization_config = {"quant_method": "bitsandbytes", "load_in_4bit": True, "llm_int8_skip_modules": skip_list}
     assert set(plan_from_checkpoint(config, skeleton).keep) == intended
     renamed = [name for name in skip_list if name not in intended and name != "lm_head"]
-    assert renamed or family in ("qwen3_vl", "smolvlm")  # the others store other names than the live model uses
+    assert renamed or family in ("qwen3_vl", "smolvlm", "lfm2_vl")  # the others store other names than the live model uses
+
+
+def test_a_linear_patch_embedding_is_never_quantized(tiny_path):
+    """SigLIP2's NaFlex patch embedding casts the pixels to its weight dtype: 4-bit (uint8) weights would make them integers."""
+    model, processor = dq.load(tiny_path("lfm2_vl"), quant="4bit")
+    assert type(model.model.vision_tower.embeddings.patch_embedding) is torch.nn.Linear
+    assert "model.vision_tower.embeddings.patch_embedding" in model.dq_plan.fixed
+    reference, _ = dq.load(tiny_path("lfm2_vl"), quant="16bit", processor=False)
+    inputs = dq.tiny.tiny_chat_inputs(processor, "lfm2_vl")
+    with torch.no_grad():
+        expected = reference.model.get_image_features(inputs["pixel_values"], inputs["spatial_shapes"], inputs["pixel_attention_mask"])
+        got = model.model.get_image_features(inputs["pixel_values"], inputs["spatial_shapes"], inputs["pixel_attention_mask"])
+    expected, got = expected.pooler_output[0].flatten(), got.pooler_output[0].flatten()  # the projected image tokens
+    assert torch.nn.functional.cosine_similarity(expected, got, dim=0) > 0.9  # 4-bit noise only, not integer pixels

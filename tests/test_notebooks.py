@@ -156,7 +156,7 @@ def test_finetune_qwen2_vl_runs_headless(tiny_path, tmp_path, monkeypatch):
     assert (tmp_path / "out" / "merged-dynamic" / "dq_plan.json").is_file()
 
 
-@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3", "smolvlm"])
+@pytest.mark.parametrize("family", ["qwen3_vl", "gemma3", "smolvlm", "lfm2_vl"])
 def test_finetune_notebook_runs_on_todays_families(tiny_path, tmp_path, monkeypatch, family):
     env = {"DQ_NOTEBOOK_MODEL": str(tiny_path(family)), **TINY_TRAINING}
     outputs, printed = execute("02_finetune_qwen2_vl.ipynb", tmp_path, monkeypatch, env)

@@ -6,7 +6,16 @@ import pytest
 import torch
 import transformers
 
-from dq_kit.synthetic.tiny import FAMILIES, TEXT_FAMILIES, build_tiny_model, save_tiny, tiny_chat_inputs, tiny_config, tiny_image, tiny_processor
+from dq_kit.synthetic.tiny import (
+    FAMILIES,
+    TEXT_FAMILIES,
+    build_tiny_model,
+    save_tiny,
+    tiny_chat_inputs,
+    tiny_config,
+    tiny_image,
+    tiny_processor,
+)
 
 VLMS = tuple(family for family in FAMILIES if family not in TEXT_FAMILIES)
 MODEL_CLASS = {
@@ -15,6 +24,7 @@ MODEL_CLASS = {
     "qwen3_vl": "Qwen3VLForConditionalGeneration",
     "gemma3": "Gemma3ForConditionalGeneration",
     "smolvlm": "SmolVLMForConditionalGeneration",
+    "lfm2_vl": "Lfm2VlForConditionalGeneration",
     "mllama": "MllamaForConditionalGeneration",
     "llava": "LlavaForConditionalGeneration",
     "llama": "LlamaForCausalLM",
@@ -27,6 +37,7 @@ PROCESSOR_CLASS = {
     "qwen3_vl": "Qwen3VLProcessor",
     "gemma3": "Gemma3Processor",
     "smolvlm": "SmolVLMProcessor",
+    "lfm2_vl": "Lfm2VlProcessor",
     "mllama": "MllamaProcessor",
     "llava": "PixtralProcessor",
 }
@@ -36,6 +47,7 @@ IMAGE_TOKEN = {
     "qwen3_vl": "<|image_pad|>",
     "gemma3": "<image_soft_token>",
     "smolvlm": "<image>",
+    "lfm2_vl": "<image>",
     "mllama": "<|image|>",
     "llava": "[IMG]",
 }
@@ -66,8 +78,8 @@ def _image_token_count(processor, family, inputs):
 def _expected_image_tokens(family, inputs):
     if family in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
         return int(inputs["image_grid_thw"].prod()) // 4  # 2x2 spatial merge
-    if family in ("gemma3", "smolvlm"):
-        return 4  # the vision tower's 4x4 patches pooled (Gemma 3) or pixel-shuffled (SmolVLM) to 4 tokens
+    if family in ("gemma3", "smolvlm", "lfm2_vl"):
+        return 4  # the vision tower's 4x4 patches pooled (Gemma 3) or pixel-shuffled (SmolVLM, LFM2-VL) to 4 tokens
     if family == "llava":
         height, width = inputs["image_sizes"][0].tolist()
         return (height // 16) * (width // 16)  # [IMG] per 16 px patch, plus break/end tokens

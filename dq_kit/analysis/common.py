@@ -40,7 +40,7 @@ def quantizable_modules(model: nn.Module) -> list[registry.ModuleInfo]:
         >>> len(quantizable_modules(dq.tiny.build_tiny_model("llama")))
         14
     """
-    heads = set(registry.output_head_names(model))
+    heads = set(registry.always_16bit(model))
     modules = dict(model.named_modules())
     quantized = [name for name, module in modules.items() if isinstance(module, nn.Linear) and is_quantized(module)]
     if quantized:
@@ -187,7 +187,7 @@ def finite_rows(ref_logp: torch.Tensor) -> torch.Tensor:
 
 def base_meta(model: Any, settings: dict[str, Any], metrics: Sequence[str], estimator: str, *, sequential: bool) -> dict[str, Any]:
     config = model.config
-    heads = registry.output_head_names(model)
+    heads = registry.always_16bit(model)
     quantizable = {info.name for info in registry.linear_modules(model)} - set(heads)
     return {
         "model_type": config.model_type,

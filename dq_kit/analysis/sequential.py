@@ -97,7 +97,9 @@ class _Layout:
             decoder = model.get_decoder()
         except (AttributeError, ValueError, NotImplementedError):
             decoder = None
-        layers, norm = getattr(decoder, "layers", None), getattr(decoder, "norm", None)
+        layers = getattr(decoder, "layers", None)
+        # the norm after the last layer (LFM2 names it embedding_norm)
+        norm = next((getattr(decoder, name) for name in _FINAL_NORMS if isinstance(getattr(decoder, name, None), nn.Module)), None)
         if not isinstance(layers, nn.ModuleList) or not isinstance(norm, nn.Module) or model.get_output_embeddings() is None:
             raise AnalysisError(
                 f"sequential mode does not know the layout of {type(model).__name__}: it needs a language model with "
@@ -168,6 +170,7 @@ class _Weights:
 # --------------------------------------------------------------------------------------------
 
 
+_FINAL_NORMS = ("norm", "embedding_norm")
 _INJECTED = "_dq_injected"  # the recorded call's key for what the forward added before this layer
 
 

@@ -125,6 +125,22 @@ def linear_modules(model: nn.Module) -> list[ModuleInfo]:
     return infos
 
 
+def always_16bit(model: nn.Module) -> list[str]:
+    """Linear modules no plan quantizes: the output head(s), and patch embeddings that are Linear layers.
+
+    SigLIP2's NaFlex patch embedding (LFM2-VL) is a Linear, and its forward casts the pixels to the
+    layer's weight dtype: a 4-bit weight (uint8) would turn the image into integers.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> always_16bit(dq.tiny.build_tiny_model("lfm2_vl"))
+        ['lm_head', 'model.vision_tower.embeddings.patch_embedding']
+    """
+    patch_embeddings = [name for name, module in model.named_modules()
+                        if isinstance(module, nn.Linear) and name.endswith("embeddings.patch_embedding")]
+    return [*output_head_names(model), *patch_embeddings]
+
+
 def output_head_names(model: nn.Module) -> list[str]:
     """Full names of the output-embedding Linear(s), which bitsandbytes keeps in 16-bit by default."""
     getter = getattr(model, "get_output_embeddings", None)
@@ -228,6 +244,15 @@ FAMILIES: dict[str, Family] = {
             "dq.analyze + dq.plan.",
         ),
         Family(
+            "lfm2_vl",
+            ("lfm2_vl",),
+            "vlm",
+            _qwen_vl_preset,
+            "The projector and language layers 0-1 (a short-convolution and an attention layer) stay 16-bit, the "
+            "Qwen2-VL rule carried over. Not from a published upload and not measured on a trained LFM2-VL: make a "
+            "model-specific plan with dq.analyze + dq.plan.",
+        ),
+        Family(
             "mllama",
             ("mllama",),
             "vlm",
@@ -317,8 +342,8 @@ def preset_modules(model: nn.Module, family: Family | None = None) -> list[str]:
         ['model.language_model.layers.3.cross_attn.o_proj']
     """
     family = family or family_of(model.config)
-    heads = set(output_head_names(model))
-    return [name for name in family.preset(linear_modules(model)) if name not in heads]
+    fixed = set(always_16bit(model))
+    return [name for name in family.preset(linear_modules(model)) if name not in fixed]
 
 
 def text_config(config: Any) -> Any:

@@ -181,7 +181,7 @@ class Refiner:
         self._spans: list[dict[str, tuple[int, Any]]] = []
         self._prefix_ok = cache_blocks
         self.bytes_4bit: int = meta.get("bytes_4bit") or estimate_memory(model, Plan.uniform(model)).bytes_4bit
-        self.output_heads: list[str] = meta.get("output_heads") or registry.output_head_names(model)
+        self.output_heads: list[str] = meta.get("output_heads") or registry.always_16bit(model)
         self._setup()
 
     # ---- measurement ---------------------------------------------------------------------------

@@ -145,7 +145,7 @@ def _write_exact_skip_list(config_file: Path, plan: Plan) -> None:
 
 def _plan_of(model: PreTrainedModel) -> Plan:
     """The plan a 4-bit model was built with, read off its modules (for models loaded without dq_kit)."""
-    heads = set(registry.output_head_names(model))
+    heads = set(registry.always_16bit(model))
     kept = [info.name for info in registry.linear_modules(model) if not is_quantized(model.get_submodule(info.name))]
     settings = _bnb_4bit_settings(model.config) or {}
     return Plan(

@@ -105,7 +105,7 @@ class Plan:
             ['lm_head']
         """
         model = _as_model(model)
-        return cls(fixed=tuple(registry.output_head_names(model)), source="uniform", **_identity(model))
+        return cls(fixed=tuple(registry.always_16bit(model)), source="uniform", **_identity(model))
 
     @classmethod
     def preset(cls, model: nn.Module | Any) -> Plan:
@@ -142,7 +142,7 @@ class Plan:
         model = _as_model(model)
         patterns = [patterns] if isinstance(patterns, str) else list(patterns)
         names = [info.name for info in registry.linear_modules(model)]
-        heads = set(registry.output_head_names(model))
+        heads = set(registry.always_16bit(model))
         selected: set[str] = set()
         unmatched, legacy_only = [], []
         rename = None

@@ -149,7 +149,7 @@ def task_memory(model: nn.Module, plan: Plan, workload: Workload) -> TaskMemory:
         ['activations', 'dequantized weight', 'logits', 'lora + optimizer']
     """
     infos = registry.linear_modules(model)
-    heads = set(registry.output_head_names(model))
+    heads = set(registry.always_16bit(model))
     quantizable = [info for info in infos if info.name not in heads]
     skip = set(plan.skip_modules)
     quantized = {info.name for info in infos} - skip

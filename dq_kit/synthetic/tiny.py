@@ -32,7 +32,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 
 from .drawing import PALETTE, draw_shape
 
-FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "mllama", "llava", "llama", "qwen3", "gemma3_text")
+FAMILIES: tuple[str, ...] = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "gemma3", "smolvlm", "lfm2_vl", "mllama", "llava", "llama", "qwen3", "gemma3_text")
 TEXT_FAMILIES: tuple[str, ...] = ("llama", "qwen3", "gemma3_text")  # language models: a tokenizer, no images
 
 _VOCAB = 384
@@ -81,6 +81,8 @@ _SPECIALS: dict[str, tuple[str, ...]] = {
     "gemma3_text": _GEMMA_SPECIALS,
     "gemma3": _GEMMA_SPECIALS + ("<start_of_image>", "<end_of_image>", "<image_soft_token>"),
     "smolvlm": ("<|endoftext|>", "<|im_start|>", "<end_of_utterance>", "<fake_token_around_image>", "<image>", "<global-img>"),
+    "lfm2_vl": ("<|pad|>", "<|startoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<|image_start|>", "<|image_end|>",
+                "<|img_thumbnail|>"),
 }
 # bos / eos / pad token strings per family (Qwen has no bos token, its config uses <|endoftext|>).
 _ROLE_TOKENS: dict[str, dict[str, str | None]] = {
@@ -94,6 +96,7 @@ _ROLE_TOKENS: dict[str, dict[str, str | None]] = {
     "gemma3_text": {"bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>"},
     "gemma3": {"bos": "<bos>", "eos": "<end_of_turn>", "pad": "<pad>"},
     "smolvlm": {"bos": "<|im_start|>", "eos": "<end_of_utterance>", "pad": "<|endoftext|>"},
+    "lfm2_vl": {"bos": "<|startoftext|>", "eos": "<|im_end|>", "pad": "<|pad|>"},
 }
 
 _COLOURS = {name: rgb for name, rgb in PALETTE.items() if name != "grey"}
@@ -218,6 +221,8 @@ _CHAT_TEMPLATES: dict[str, str] = {
     "gemma3_text": _text_only("gemma3_text") + _GEMMA_BODY,
     "gemma3": _RENDER.replace("IMAGE", "<start_of_image>") + _GEMMA_BODY,
     "smolvlm": _RENDER.replace("IMAGE", "<image>") + _SMOLVLM_BODY,
+    "lfm2_vl": _RENDER.replace("IMAGE", "<image>") + "{{- bos_token -}}" + _QWEN_TEMPLATE.removeprefix(
+        _RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")),
 }
 
 _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
@@ -226,6 +231,7 @@ _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
     "qwen3_vl": transformers.Qwen3VLForConditionalGeneration,
     "gemma3": transformers.Gemma3ForConditionalGeneration,
     "smolvlm": transformers.SmolVLMForConditionalGeneration,
+    "lfm2_vl": transformers.Lfm2VlForConditionalGeneration,
     "mllama": transformers.MllamaForConditionalGeneration,
     "llava": transformers.LlavaForConditionalGeneration,
     "llama": transformers.LlamaForCausalLM,
@@ -374,6 +380,20 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
             image_token_id=ids["<image>"],
             tie_word_embeddings=False,
         )
+    if family == "lfm2_vl":
+        # LFM2-VL: a SigLIP2 NaFlex tower, pixel-unshuffle projector (factor 2), LFM2 text model (short convolutions
+        # and attention layers alternating)
+        return transformers.Lfm2VlConfig(
+            vision_config={"model_type": "siglip2_vision_model", "hidden_size": _HIDDEN, "intermediate_size": _INTERMEDIATE,
+                           "num_hidden_layers": _VISION_LAYERS, "num_attention_heads": _HEADS, "patch_size": 16,
+                           "num_patches": 16, "vision_use_head": False},
+            text_config={**text, "num_hidden_layers": _TEXT_LAYERS, "layer_types": ["conv", "full_attention"],
+                         "block_auto_adjust_ff_dim": False, "block_ff_dim": _INTERMEDIATE},
+            projector_hidden_size=_INTERMEDIATE,
+            downsample_factor=2,
+            image_token_id=ids["<image>"],
+            tie_word_embeddings=False,
+        )
     if family == "mllama":
         return transformers.MllamaConfig(
             text_config={**text, "num_hidden_layers": 4, "cross_attention_layers": [1, 3]},
@@ -466,6 +486,13 @@ def tiny_processor(family: str) -> transformers.ProcessorMixin | transformers.Pr
             video_processor=transformers.SmolVLMVideoProcessor(size=size, max_image_size=size),
             tokenizer=tokenizer,
             image_seq_len=4,
+            chat_template=template,
+        )
+    if family == "lfm2_vl":
+        return transformers.Lfm2VlProcessor(
+            image_processor=transformers.Lfm2VlImageProcessor(do_image_splitting=False, min_image_tokens=4, max_image_tokens=16,
+                                                              encoder_patch_size=16, downsample_factor=2),
+            tokenizer=tokenizer,
             chat_template=template,
         )
     if family == "mllama":
