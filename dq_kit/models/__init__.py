@@ -7,7 +7,17 @@ Example:
     'qwen2_vl'
 """
 
-from .registry import FAMILIES, GENERIC, Family, ModuleInfo, always_16bit, family_of, linear_modules, output_head_names, preset_modules
+from .registry import (
+    FAMILIES,
+    GENERIC,
+    Family,
+    ModuleInfo,
+    always_16bit,
+    family_of,
+    linear_modules,
+    output_head_names,
+    preset_modules,
+)
 from .resolution import auto_class, default_dtype, meta_model, resolve_config, shipped_hub_ids
 
 __all__ = ["FAMILIES", "GENERIC", "Family", "ModuleInfo", "always_16bit", "auto_class", "default_dtype", "family_of", "linear_modules", "meta_model", "output_head_names", "preset_modules", "resolve_config", "shipped_hub_ids"]
