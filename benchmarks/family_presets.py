@@ -28,10 +28,10 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from prepare_models import CHAT_FILE, GEMMA_DIR, GEMMA_GGUF  # noqa: E402
+from prepare_models import CHAT_FILE, GEMMA_DIR, GEMMA_GGUF
 
-import dq_kit as dq  # noqa: E402
-from dq_kit.models import registry  # noqa: E402
+import dq_kit as dq
+from dq_kit.models import registry
 
 RESULTS = Path(__file__).parent / "results"
 N_CALIBRATION, N_HELDOUT, MAX_TOKENS = 16, 16, 96
@@ -96,10 +96,10 @@ def main() -> int:
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "family_presets.json").write_text(json.dumps(result, indent=2) + "\n")
     lines = ["# A family preset on real weights: Gemma 3 270M", "",
-             f"{result['model']}, {result['params'] / 1e6:.1f} M parameters. Calibration {N_CALIBRATION} texts (Fisher), held-out "
+             (f"{result['model']}, {result['params'] / 1e6:.1f} M parameters. Calibration {N_CALIBRATION} texts (Fisher), held-out "
              f"{N_HELDOUT} texts / {tokens} tokens (every position scored). KL = mean per-token KL(reference || quantized), nats. "
              "Extra = bytes over uniform NF4 (`dq.estimate_memory`; the 168 M-parameter tied embedding is 16-bit in every plan). "
-             f"Analysis {analysis_s:.0f} s, total {result['total_s']:.0f} s on 2 CPU threads.", "",
+             f"Analysis {analysis_s:.0f} s, total {result['total_s']:.0f} s on 2 CPU threads."), "",
              "| plan | extra | held-out KL | gap closed | top-1 | modules kept |", "|---|---|---|---|---|---|"]
     for row in rows:
         kept = ", ".join(name.removeprefix("model.") for name in row["kept"][:4]) + (" ..." if len(row["kept"]) > 4 else "")
