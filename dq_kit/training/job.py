@@ -296,7 +296,7 @@ def run_training(job: TrainingJob) -> Path:
         'adapter'
     """
     from ..models.resolution import auto_class, resolve_config
-    from .sft import shards_parameters
+    from .sft import SHARDING_NEEDS_GPUS, shards_parameters
 
     world = World.from_environment()
     per_device = per_device_batch(job, world)
@@ -306,8 +306,7 @@ def run_training(job: TrainingJob) -> Path:
         raise DQError(f"--spread places one model over all GPUs in one process; this run has {world.size} processes. "
                       "Run it without torchrun / accelerate launch, or drop --spread to train a full copy per process.")
     if shards_parameters(job.sft) and not torch.cuda.is_available():
-        raise DQError("FSDP / DeepSpeed ZeRO-3 need GPUs: on the CPU the trainer runs plain data parallelism (DDP) and would "
-                      "ignore the sharding settings. Leave them out to train with DDP, or run on GPUs.")
+        raise DQError(SHARDING_NEEDS_GPUS)
     config = resolve_config(job.model)
     vlm = auto_class(config).__name__ == "AutoModelForImageTextToText"
     if job.dataset == "shapes" and not vlm:

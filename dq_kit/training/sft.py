@@ -212,6 +212,10 @@ def sft_trainer(
     return trainer
 
 
+SHARDING_NEEDS_GPUS = ("FSDP / DeepSpeed ZeRO-3 need GPUs: on the CPU the trainer runs plain data parallelism (DDP) and "
+                       "would ignore the sharding settings. Leave them out to train with DDP, or run on GPUs.")
+
+
 def shards_parameters(settings: dict[str, Any]) -> bool:
     """Whether training will shard the parameters: ``fsdp`` in the settings, or ``accelerate launch`` with an
     FSDP or DeepSpeed ZeRO-3 config (accelerate passes those to the trainer through the environment).
@@ -229,8 +233,7 @@ def _check_sharding(model: nn.Module, settings: dict[str, Any]) -> None:
     """Sharding needs GPUs, and one dtype for the parameters it flattens (4-bit weights stored as uint8 beside
     16-bit ones cannot be sharded together)."""
     if settings.get("use_cpu"):
-        raise DQError("FSDP / DeepSpeed ZeRO-3 need GPUs: on the CPU the trainer runs plain data parallelism (DDP) and "
-                      "would ignore the sharding settings. Leave them out to train with DDP, or run on GPUs.")
+        raise DQError(SHARDING_NEEDS_GPUS)
     dtypes = {parameter.dtype for parameter in model.parameters()}
     if torch.uint8 in dtypes and len(dtypes) > 1:
         raise DQError(
