@@ -177,3 +177,11 @@ def test_a_linear_patch_embedding_is_never_quantized(tiny_path):
         got = model.model.get_image_features(inputs["pixel_values"], inputs["spatial_shapes"], inputs["pixel_attention_mask"])
     expected, got = expected.pooler_output[0].flatten(), got.pooler_output[0].flatten()  # the projected image tokens
     assert torch.nn.functional.cosine_similarity(expected, got, dim=0) > 0.9  # 4-bit noise only, not integer pixels
+
+
+def test_a_hand_made_plan_still_keeps_the_patch_embedding_16bit(tiny_path):
+    skeleton = dq.tiny.build_tiny_model("lfm2_vl")
+    hand_made = dq.Plan(keep=("model.language_model.layers.0.feed_forward.w2",), model_type="lfm2_vl")  # fixed: nothing
+    model, _ = dq.load(tiny_path("lfm2_vl"), quant="dynamic", plan=hand_made, processor=False)
+    assert type(model.model.vision_tower.embeddings.patch_embedding) is torch.nn.Linear
+    assert set(registry.always_16bit(skeleton)) <= set(model.dq_plan.fixed)

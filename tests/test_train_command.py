@@ -56,8 +56,17 @@ def test_train_then_resume_from_the_last_checkpoint(tiny_path, tmp_path, capsys)
     assert "Resuming from" in out and "checkpoint-2" in out and "3 steps" in out
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
+    assert main([*arguments, "--steps", "3", "--resume", "--lora-r", "4"]) == 2  # the checkpoints hold a rank-2 adapter
+    assert "other lora_r (lora_r=2)" in capsys.readouterr().err
+
+    adapter = (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes()
+    assert main([*arguments, "--steps", "1", "--overwrite", "--dataset", "/no/such/data"]) == 2  # refused: nothing removed
+    assert (tmp_path / "run" / "checkpoints" / "checkpoint-2").is_dir()
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").read_bytes() == adapter
+
     assert main([*arguments, "--steps", "1", "--overwrite"]) == 0  # starts over: the earlier checkpoints go
     assert not (tmp_path / "run" / "checkpoints" / "checkpoint-2").exists()
+    assert json.loads((tmp_path / "run" / "dq_train.json").read_text())["steps"] == 1
 
 
 def test_a_data_folder_with_its_own_columns(tiny_path, tmp_path, capsys):
@@ -79,6 +88,10 @@ def test_a_data_folder_with_its_own_columns(tiny_path, tmp_path, capsys):
     (["--sft", "save_steps"], "KEY=VALUE"),
     (["--batch-size", "3", "--sft", "gradient_accumulation_steps=2"], "give a multiple of 2"),
     (["--steps", "0"], "--steps must be at least 1"),
+    (["--lora-r", "0"], "--lora-r must be at least 1"),
+    (["--sft", "seed=3"], "set it with --seed"),
+    (["--sft", "gradient_accumulation_steps=0"], "gradient_accumulation_steps=0: give a whole number"),
+    (["--resume", "--overwrite"], "pass one of them"),
     (["--dataset", "/no/such/data.jsonl"], "could not be read"),
     pytest.param(["--sft", 'fsdp="full_shard auto_wrap"'], "FSDP / DeepSpeed ZeRO-3 need GPUs",
                  marks=pytest.mark.skipif(torch.cuda.is_available(), reason="sharding is refused only without a GPU")),
@@ -115,6 +128,18 @@ def test_a_dataset_without_answers_is_refused(tiny_path, tmp_path, capsys):
     error = capsys.readouterr().err
     assert "No valid row is left" in error and "no assistant turn" in error
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_a_language_model_trains_on_a_jsonl_file(tiny_path, tmp_path, capsys):
+    rows = [{"messages": [{"role": "user", "content": "What colour is the sky?"}, {"role": "assistant", "content": answer}]}
+            for answer in ("Blue.", "Grey.", "Blue.", "Red.")]
+    (tmp_path / "chats.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    arguments = ["train", str(tiny_path("qwen3")), "--output", str(tmp_path / "run"), "--dataset", str(tmp_path / "chats.jsonl"),
+                 "--steps", "2", "--batch-size", "2", "--lora-r", "2", "--sft", "bf16=False", *QUIET]
+    assert main(arguments) == 0
+    out = capsys.readouterr().out
+    assert "4 training rows" in out and "2 steps" in out
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
 
 
 def test_shapes_need_a_vision_model(tiny_path, tmp_path, capsys):

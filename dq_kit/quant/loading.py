@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,7 @@ from torch import nn
 from transformers import AutoModelForImageTextToText, AutoProcessor, AutoTokenizer
 
 from ..errors import DQError, ModelNotFoundError, PlanError
-from ..models.registry import family_of
+from ..models.registry import always_16bit, family_of
 from ..models.resolution import auto_class, default_device_map, default_dtype, local_or_hub, meta_model, resolve_config
 from .checkpoint import checkpoint_file, plan_from_checkpoint, prequantized_config, saved_report_factors
 from .corrections import ADAPTER_NAME, attach_corrections, match_compute_dtype, report_factors
@@ -98,6 +99,9 @@ def load(
         elif plan is None:
             plan = stored or Plan.preset(skeleton)
         plan.check(skeleton)
+        missing = sorted(set(always_16bit(skeleton)) - set(plan.skip_modules))
+        if missing:  # a hand-made or older plan: output heads and Linear patch embeddings are never 4-bit
+            plan = replace(plan, fixed=tuple(sorted(set(plan.fixed) | set(missing))))
         load_kwargs["quantization_config"] = plan.bnb_config(dtype, quant_storage or torch.uint8)
     quantized_config = prequantized_config(config, plan, stored, dtype)
     if quantized_config is not None:  # already 4-bit on disk: transformers reads the skip list from the config

@@ -32,11 +32,11 @@ def verify(model: nn.Module, plan: Plan) -> None:
         >>> verify(model, dq.Plan.uniform(model))
     """
     expected_16bit = set(plan.skip_modules)
-    linears = {name: is_quantized(module) for name, module in base_linears(model).items()}
+    modules = base_linears(model)
+    linears = {name: is_quantized(module) for name, module in modules.items()}
     missing = sorted(expected_16bit - linears.keys())
     wrongly_quantized = sorted(name for name, quantized in linears.items() if quantized and name in expected_16bit)
     wrongly_16bit = sorted(name for name, quantized in linears.items() if not quantized and name not in expected_16bit)
-    modules = base_linears(model)
     stateless = sorted(name for name, quantized in linears.items()
                        if quantized and getattr(modules[name].weight, "quant_state", None) is None)
     problems = [

@@ -45,6 +45,7 @@ from ..errors import DataError, DQError
 from ..files import Output, write_json
 
 JOB_FILE = "dq_train.json"
+_SAME_ON_RESUME = ("model", "quant", "plan", "lora_r", "vision")  # what the checkpoints' adapter depends on
 TRAINING_RUN = Output("dq-kit training run", marker=JOB_FILE)
 # SFTConfig fields that the job's own options set: --sft may not set them a second time
 OWN_OPTIONS = {
@@ -52,6 +53,7 @@ OWN_OPTIONS = {
     "max_steps": "--steps",
     "per_device_train_batch_size": "--batch-size (the batch of one optimizer step over all processes)",
     "learning_rate": "--learning-rate",
+    "seed": "--seed",
 }
 
 
@@ -164,6 +166,7 @@ def parse_sft_options(pairs: list[str]) -> dict[str, Any]:
             close = difflib.get_close_matches(key, known, n=3)
             hint = f" Did you mean {', '.join(close)}?" if close else ""
             raise DQError(f"--sft {key}=...: trl.SFTConfig has no field {key!r}.{hint}")
+        text = {"True": "true", "False": "false", "None": "null"}.get(text.strip(), text)  # Python spellings too
         try:
             options[key] = json.loads(text)
         except json.JSONDecodeError:
@@ -178,7 +181,9 @@ def per_device_batch(job: TrainingJob, world: World) -> int:
         >>> per_device_batch(TrainingJob("m", "out", batch_size=8), World(size=2))
         4
     """
-    accumulation = int(job.sft.get("gradient_accumulation_steps", 1))
+    accumulation = job.sft.get("gradient_accumulation_steps", 1)
+    if not isinstance(accumulation, int) or isinstance(accumulation, bool) or accumulation < 1:
+        raise DQError(f"--sft gradient_accumulation_steps={accumulation!r}: give a whole number of at least 1.")
     share = world.size * accumulation
     if job.batch_size < 1 or job.batch_size % share:
         raise DQError(
@@ -188,14 +193,19 @@ def per_device_batch(job: TrainingJob, world: World) -> int:
     return job.batch_size // share
 
 
-def prepare_output(job: TrainingJob, world: World) -> Path:
-    """On the first process, check the output folder and record the job in it; returns the folder.
+def check_output(job: TrainingJob, world: World) -> Path:
+    """On the first process, check the output folder (nothing is written yet); returns the folder.
 
-    A new or empty folder starts a run. A folder holding an earlier run needs ``resume`` (continue
-    it) or ``overwrite`` (start over: the earlier checkpoints and adapter are removed). A folder
-    with other files is refused: nothing in it is touched. The other processes only take the path
-    (the first one would otherwise look like an earlier run to them); when the first process
-    raises, the launcher stops them.
+    A new or empty folder starts a run. A folder holding an earlier run (a ``dq_train.json`` beside
+    checkpoints or an adapter) needs ``resume`` (continue it, with the same model, quantization,
+    plan, rank and vision setting) or ``overwrite`` (start over). A folder with other files is
+    refused: nothing in it is touched. The other processes only take the path; when the first
+    process raises, the launcher stops them.
+
+    Example:
+        >>> import tempfile
+        >>> check_output(TrainingJob("model", tempfile.mkdtemp()), World()).is_dir()
+        True
     """
     output = Path(job.output).expanduser().resolve()
     if not world.is_main:
@@ -206,16 +216,36 @@ def prepare_output(job: TrainingJob, world: World) -> Path:
         shown = ", ".join(sorted(p.name for p in output.iterdir())[:5])
         raise DQError(f"--output {output} holds other files ({shown}) and is not a dq-kit training run; "
                       "nothing in it was changed. Choose a new or empty folder.")
-    earlier = (output / JOB_FILE).is_file()
+    if job.resume and job.overwrite:
+        raise DQError("--resume continues the earlier run and --overwrite starts over: pass one of them.")
+    earlier = (output / JOB_FILE).is_file() and any((output / name).exists() for name in ("checkpoints", "adapter"))
     if earlier and not (job.resume or job.overwrite):
         raise DQError(f"--output {output} holds an earlier training run: pass --resume to continue it from its last "
-                      "checkpoint, or --overwrite to start over (its checkpoints and adapter are removed).")
-    if earlier and job.overwrite and not job.resume:
-        for name in ("checkpoints", "adapter"):
-            shutil.rmtree(output / name, ignore_errors=True)
+                      "checkpoint, or --overwrite to start over (its checkpoints are removed when training starts).")
+    if earlier and job.resume:
+        stored = json.loads((output / JOB_FILE).read_text(encoding="utf-8"))
+        changed = [key for key in _SAME_ON_RESUME if stored.get(key) != job.settings()[key]]
+        if changed:
+            raise DQError(f"--resume continues a run made with other {', '.join(changed)} "
+                          f"({', '.join(f'{key}={stored.get(key)!r}' for key in changed)}): give the same ones, or --overwrite.")
+    return output
+
+
+def start_output(job: TrainingJob, output: Path) -> None:
+    """First process, once everything is checked and loaded: record the job; ``overwrite`` removes the earlier
+    checkpoints (the earlier adapter stays until the new one replaces it atomically).
+
+    Example:
+        >>> import tempfile
+        >>> folder = Path(tempfile.mkdtemp())
+        >>> start_output(TrainingJob("model", folder), folder)
+        >>> (folder / JOB_FILE).is_file()
+        True
+    """
+    if job.overwrite:
+        shutil.rmtree(output / "checkpoints", ignore_errors=True)
     output.mkdir(parents=True, exist_ok=True)
     write_json(output / JOB_FILE, job.settings())
-    return output
 
 
 def load_training_data(job: TrainingJob) -> Any:
@@ -223,7 +253,7 @@ def load_training_data(job: TrainingJob) -> Any:
 
     Raises :class:`DataError` when the data cannot be read, has no answers, or no valid row is left.
     """
-    from ..data.finetune import convert, validate
+    from ..data.finetune import check, convert, validate
     from ..data.shapes import shapes_dataset
 
     if job.dataset == "shapes":
@@ -231,6 +261,11 @@ def load_training_data(job: TrainingJob) -> Any:
     dataset = _read_dataset(job.dataset, job.split)
     if job.samples is not None:
         dataset = dataset.select(range(min(job.samples, len(dataset))))
+    if "messages" in dataset.column_names and "images" not in dataset.column_names and not job.columns:
+        report = check(dataset)  # text conversations: no image to open
+        if len(report.problems) == len(dataset):
+            raise DataError(f"No valid row is left to train on. {report}")
+        return dataset
     if "messages" not in dataset.column_names or job.columns:
         if "prompt" in dataset.column_names and "completion" in dataset.column_names and not job.columns:
             return dataset  # prompt-completion rows: checked by sft_trainer
@@ -300,8 +335,9 @@ def run_training(job: TrainingJob) -> Path:
 
     world = World.from_environment()
     per_device = per_device_batch(job, world)
-    if job.steps < 1:
-        raise DQError(f"--steps must be at least 1, got {job.steps}.")
+    for name, value in (("steps", job.steps), ("lora-r", job.lora_r), ("samples", 1 if job.samples is None else job.samples)):
+        if value < 1:
+            raise DQError(f"--{name} must be at least 1, got {value}.")
     if job.spread and world.size > 1:
         raise DQError(f"--spread places one model over all GPUs in one process; this run has {world.size} processes. "
                       "Run it without torchrun / accelerate launch, or drop --spread to train a full copy per process.")
@@ -311,13 +347,15 @@ def run_training(job: TrainingJob) -> Path:
     vlm = auto_class(config).__name__ == "AutoModelForImageTextToText"
     if job.dataset == "shapes" and not vlm:
         raise DataError(f"--dataset shapes asks questions about images, and {job.model} is a text model: give a text dataset.")
-    output = prepare_output(job, world)
+    output = check_output(job, world)
     with _quiet_unless(world.is_main):
         train = load_training_data(job)
         print(f"dq-kit train: {len(train)} training rows from {job.dataset}; {world.size} process(es) x {per_device} rows per step"
               f"{' x ' + str(job.sft['gradient_accumulation_steps']) + ' accumulation steps' if 'gradient_accumulation_steps' in job.sft else ''}.")
         model, processor, trainer = _build_trainer(job, world, config, train, per_device, output)
-        stats = _memory_before(job, model, trainer, train, per_device)
+        stats = _memory_before(job, model, trainer, per_device)
+        if world.is_main:
+            start_output(job, output)
         result = trainer.train(resume_from_checkpoint=True if job.resume else None)
         print(f"{result.global_step} steps, mean training loss {result.training_loss:.3f}; parallelism: "
               f"{trainer.accelerator.distributed_type.value} over {world.size} process(es)")
@@ -345,6 +383,9 @@ def _save_sharded_adapter(trainer: Any, processor: Any, adapter: Path, world: Wo
     if trainer.is_fsdp_enabled:  # PEFT's FSDP recipe: gather full weights for the final save
         trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     gathered = adapter.with_name(".adapter.gathered.tmp")
+    if world.is_main:
+        shutil.rmtree(gathered, ignore_errors=True)  # left by a save killed earlier
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(os.fspath(gathered))  # collective; only the first process writes
     if world.is_main:
         with atomic_directory(adapter, ADAPTER) as staging:
@@ -386,12 +427,13 @@ def _build_trainer(job: TrainingJob, world: World, config: Any, train: Any, per_
     return model, processor, trainer
 
 
-def _memory_before(job: TrainingJob, model: nn.Module, trainer: Any, train: Any, per_device: int) -> Any:
+def _memory_before(job: TrainingJob, model: nn.Module, trainer: Any, per_device: int) -> Any:
     """Print the device, the memory in use and the predicted peak, as the notebooks do; returns the running stats."""
     from ..quant.memory import estimate_memory
     from .device_stats import device_stats
 
-    first = trainer.data_collator([train[index] for index in range(min(per_device, len(train)))])
+    rows = trainer.train_dataset  # as the trainer prepared them (tokenized for language models)
+    first = trainer.data_collator([rows[index] for index in range(min(per_device, len(rows)))])
     estimate = estimate_memory(trainer.model, getattr(model, "dq_plan", None), task="train", batch_size=per_device,
                                seq_len=int(first["input_ids"].shape[1]), lora_r=job.lora_r,
                                vision_tokens=None if job.vision else 0)
