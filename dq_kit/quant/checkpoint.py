@@ -34,7 +34,7 @@ from transformers import PretrainedConfig, PreTrainedModel
 from ..errors import DQError, PlanError, UnsupportedModelError
 from ..files import Output, atomic_directory, atomic_write_text, read_json, write_json
 from ..models import registry
-from ..models.resolution import checkpoint_renamer, live_module_name, meta_model
+from ..models.resolution import meta_model
 from ..units import human_bytes
 from .corrections import (
     ADAPTER_NAME,
@@ -47,7 +47,7 @@ from .corrections import (
     save_correction_adapter,
 )
 from .memory import MemoryEstimate, estimate_memory, loaded_bytes
-from .plan import Plan, matches_skip_pattern
+from .plan import Plan, live_patterns, selects_any
 from .verification import is_quantized, verify
 
 PLAN_FILE = "dq_plan.json"
@@ -295,14 +295,9 @@ def plan_from_checkpoint(
         plan = Plan.uniform(skeleton)
     else:
         names = [info.name for info in registry.linear_modules(skeleton)]
-
-        def matches(pattern: str) -> bool:
-            return any(pattern in name or matches_skip_pattern(pattern, name) for name in names)
-
-        # published skip lists name modules as the checkpoint stores them: translate those to the live names
-        rename = checkpoint_renamer(skeleton)
-        patterns = [pattern if matches(pattern) else live_module_name(rename, pattern) for pattern in patterns]
-        usable = [p for p in patterns if matches(p)]
+        # published skip lists may name modules as the checkpoint stores them: from_patterns translates those
+        live = live_patterns(skeleton, names, patterns)
+        usable = [pattern for pattern, translated in zip(patterns, live, strict=True) if selects_any(translated, names)]
         if len(usable) < len(patterns):
             warnings.warn(
                 f"The checkpoint's skip list names {sorted(set(patterns) - set(usable))!r}, which match no Linear module of "

@@ -145,14 +145,9 @@ class Plan:
         heads = set(registry.always_16bit(model))
         selected: set[str] = set()
         unmatched, legacy_only = [], []
-        rename = None
-        for pattern in patterns:
-            modern = {name for name in names if matches_skip_pattern(pattern, name)}
-            legacy = {name for name in names if pattern in name}
-            if not modern | legacy:  # a checkpoint's name for the module ("language_model.model.layers.3")?
-                rename = rename or checkpoint_renamer(model)
-                live = live_module_name(rename, pattern)
-                modern = {name for name in names if live != pattern and matches_skip_pattern(live, name)}
+        for pattern, live in zip(patterns, live_patterns(model, names, patterns), strict=True):
+            modern = {name for name in names if matches_skip_pattern(live, name)}
+            legacy = {name for name in names if live in name}
             if not modern | legacy:
                 unmatched.append(pattern)
             elif legacy - modern:
@@ -366,6 +361,36 @@ def _check_field_types(data: dict[str, Any]) -> None:
             wrong.append(f"{key!r} holds {bad[0]!r}, expected module names (strings)")
     if wrong:
         raise PlanError("Malformed plan file: " + "; ".join(wrong) + ". Fix it by hand or make it again with dq.plan / Plan.save.")
+
+
+def selects_any(pattern: str, names: list[str]) -> bool:
+    """Whether ``pattern`` selects one of ``names`` as transformers 5 matches (or, as a substring, transformers 4).
+
+    Example:
+        >>> selects_any("down_proj", ["model.layers.0.mlp.down_proj"]), selects_any("visual", ["model.layers.0.mlp.up_proj"])
+        (True, False)
+    """
+    return any(pattern in name or matches_skip_pattern(pattern, name) for name in names)
+
+
+def live_patterns(model: nn.Module, names: list[str], patterns: list[str]) -> list[str]:
+    """Each pattern as written when it selects one of ``names`` (modern or substring match), else its
+    translation from checkpoint naming (``language_model.model.layers.3``) through transformers' key mapping.
+
+    Example:
+        >>> import dq_kit as dq
+        >>> model = dq.tiny.build_tiny_model("llava")
+        >>> live_patterns(model, ["model.language_model.layers.1.mlp.down_proj"], ["language_model.model.layers.1.mlp", "down_proj"])
+        ['model.language_model.layers.1.mlp', 'down_proj']
+    """
+    rename = None
+    translated = []
+    for pattern in patterns:
+        if not selects_any(pattern, names):
+            rename = rename or checkpoint_renamer(model)
+            pattern = live_module_name(rename, pattern)
+        translated.append(pattern)
+    return translated
 
 
 def matches_skip_pattern(pattern: str, name: str) -> bool:

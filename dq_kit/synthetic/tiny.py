@@ -47,6 +47,9 @@ _QWEN_MIN_PIXELS = 56 * 56  # a 56x56 image -> 4x4 patches -> 4 image tokens
 _QWEN_MAX_PIXELS = 112 * 112  # at most 16 image tokens
 _QWEN3_PATCH = 16  # Qwen3-VL: a 56x56 image -> 64x64 -> 4x4 patches -> 4 image tokens
 _GEMMA_IMAGE, _GEMMA_IMAGE_TOKENS = 64, 4
+# Gemma 3's language model: sliding-window and global layers alternate (5:1 in the real models)
+_GEMMA_TEXT = {"num_hidden_layers": _TEXT_LAYERS, "head_dim": _HIDDEN // _HEADS, "query_pre_attn_scalar": _HIDDEN // _HEADS,
+               "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]}
 _SMOLVLM_IMAGE = 64  # one 64 px image, no splitting: 4x4 patches -> 4 <image> tokens
 _MLLAMA_TILE = 28  # vision image_size == image processor tile size; a 56 px image is 2x2 tiles
 _PIXTRAL_PATCH = 16
@@ -137,7 +140,8 @@ _RENDER = (
 )
 # Assistant answers (with their end-of-turn token) sit inside {% generation %} so that
 # apply_chat_template(..., return_assistant_tokens_mask=True) marks exactly them.
-_QWEN_TEMPLATE = _RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>") + (
+# ChatML turns (Qwen, LFM2), after the family's render macro
+_CHATML_BODY = (
     "{%- for message in messages -%}"
     "{%- if loop.first and message['role'] != 'system' -%}"
     "{{- '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' -}}"
@@ -150,6 +154,7 @@ _QWEN_TEMPLATE = _RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
 )
+_QWEN_TEMPLATE = _RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>") + _CHATML_BODY
 _LLAMA3_BODY = (
     "{{- bos_token -}}"
     "{%- for message in messages -%}"
@@ -217,12 +222,11 @@ _CHAT_TEMPLATES: dict[str, str] = {
     "mllama": _RENDER.replace("IMAGE", "<|image|>") + _LLAMA3_BODY,
     "llava": _PIXTRAL_TEMPLATE,
     "llama": _text_only("llama") + _LLAMA3_BODY,
-    "qwen3": _text_only("qwen3") + _QWEN_TEMPLATE.removeprefix(_RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")),
+    "qwen3": _text_only("qwen3") + _CHATML_BODY,
     "gemma3_text": _text_only("gemma3_text") + _GEMMA_BODY,
     "gemma3": _RENDER.replace("IMAGE", "<start_of_image>") + _GEMMA_BODY,
     "smolvlm": _RENDER.replace("IMAGE", "<image>") + _SMOLVLM_BODY,
-    "lfm2_vl": _RENDER.replace("IMAGE", "<image>") + "{{- bos_token -}}" + _QWEN_TEMPLATE.removeprefix(
-        _RENDER.replace("IMAGE", "<|vision_start|><|image_pad|><|vision_end|>")),
+    "lfm2_vl": _RENDER.replace("IMAGE", "<image>") + "{{- bos_token -}}" + _CHATML_BODY,
 }
 
 _MODEL_CLASSES: dict[str, type[transformers.PreTrainedModel]] = {
@@ -361,8 +365,7 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     if family == "gemma3":
         # Gemma 3 with vision: a SigLIP tower (64 px images, 16 px patches), pooled to 2x2 = 4 soft tokens per image
         return transformers.Gemma3Config(
-            text_config={**text, "num_hidden_layers": _TEXT_LAYERS, "head_dim": _HIDDEN // _HEADS, "query_pre_attn_scalar": _HIDDEN // _HEADS,
-                         "sliding_window": 64, "layer_types": ["sliding_attention", "full_attention"]},
+            text_config={**text, **_GEMMA_TEXT},
             vision_config={"hidden_size": _HIDDEN, "intermediate_size": _INTERMEDIATE, "num_hidden_layers": _VISION_LAYERS,
                            "num_attention_heads": _HEADS, "image_size": _GEMMA_IMAGE, "patch_size": 16, "vision_use_head": False},
             mm_tokens_per_image=_GEMMA_IMAGE_TOKENS,
@@ -431,11 +434,8 @@ def tiny_config(family: str) -> transformers.PretrainedConfig:
     if family == "qwen3":
         return transformers.Qwen3Config(**text, num_hidden_layers=_TEXT_LAYERS, head_dim=_HIDDEN // _HEADS, tie_word_embeddings=False)
     if family == "gemma3_text":
-        # Gemma 3: sliding-window and global layers alternate (5:1 in the real models), embeddings tied
-        return transformers.Gemma3TextConfig(
-            **text, num_hidden_layers=_TEXT_LAYERS, head_dim=_HIDDEN // _HEADS, query_pre_attn_scalar=_HIDDEN // _HEADS,
-            sliding_window=64, layer_types=["sliding_attention", "full_attention"],
-        )
+        # Gemma 3 text: embeddings tied to the output head
+        return transformers.Gemma3TextConfig(**text, **_GEMMA_TEXT)
     return transformers.LlamaConfig(**text, num_hidden_layers=_TEXT_LAYERS)
 
 
